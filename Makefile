@@ -1,0 +1,19 @@
+# The README's two commands: `make bench` (the main job) and `make test`. Both set up everything
+# on a fresh machine through scripts/env.sh.
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: env test bench gpu-test clean
+
+env:
+	@bash scripts/env.sh >/dev/null
+
+test:
+	@PY=$$(bash scripts/env.sh) && "$$PY" -m pytest $(PYTEST_ARGS)
+
+# Every benchmark case available on the best device present (a GPU if one is visible).
+bench:
+	@PY=$$(bash scripts/env.sh) && "$$PY" -m fastnn.bench.cli $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info fastnn/_C*.so

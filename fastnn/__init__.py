@@ -1,0 +1,13 @@
+"""fastnn: fused Triton and CUDA kernels behind drop-in torch.nn / torch.optim replacements.
+
+Families (DESIGN.md): optimizers (``fastnn.optim``), recurrent layers, Mixture of Experts and
+quantized edge inference. Ops live in ``fastnn.ops`` (each choosing its backend per call, see
+``fastnn.backends``); their pure-PyTorch references in ``fastnn.reference``.
+"""
+
+from . import backends, ops, optim
+from ._extension import info as build_info
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "ops", "optim", "build_info", "__version__"]

@@ -1,0 +1,93 @@
+"""Loads fastnn's compiled library (``fastnn._C``) lazily and says which kernels exist.
+
+The library is optional: a pure-Python install (``FASTNN_BUILD_EXT=0``), ``FASTNN_DISABLE_EXT=1``,
+or a build that fails to load (compiled against another torch, say) leaves fastnn working on its
+reference and Triton paths. A build that exists but fails to load gives one warning naming the
+cause; it never raises at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+__all__ = ["load", "available", "error", "built_with_cuda", "has_kernel", "info"]
+
+_ERROR: str | None = None
+
+
+def _disabled() -> bool:
+    return os.environ.get("FASTNN_DISABLE_EXT", "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """The compiled module, or None (with the reason in :func:`error`)."""
+    global _ERROR
+    if _disabled():
+        _ERROR = "disabled by FASTNN_DISABLE_EXT=1"
+        return None
+    try:
+        module = importlib.import_module("fastnn._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastnn._C":
+            _ERROR = f"fastnn._C failed to import: {exc}"
+            warnings.warn(f"fastnn: compiled kernels unavailable ({_ERROR}); using reference/Triton paths",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            # Not built (pure-Python install): expected, so no warning.
+            _ERROR = "fastnn._C is not built (pure-Python install, FASTNN_BUILD_EXT=0)"
+        return None
+    except (ImportError, OSError) as exc:
+        _ERROR = f"fastnn._C failed to load: {exc}"
+        warnings.warn(f"fastnn: compiled kernels unavailable ({_ERROR}); using reference/Triton paths. "
+                      "Rebuild with `pip install --no-build-isolation -e .` against this torch.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    built = module.torch_version()
+    running = ".".join(torch.__version__.split(".")[:2])
+    if built != running:
+        warnings.warn(f"fastnn: compiled kernels were built against torch {built} but torch {running} "
+                      "is running; rebuild if ops misbehave", RuntimeWarning, stacklevel=2)
+    return module
+
+
+def available() -> bool:
+    """Whether the compiled library is loaded."""
+    return load() is not None
+
+
+def error() -> str | None:
+    """Why the compiled library is not loaded (None when it is)."""
+    load()
+    return _ERROR
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded library contains CUDA kernels (independent of a GPU being present)."""
+    module = load()
+    return bool(module is not None and module.built_with_cuda())
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``fastnn::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    if load() is None:
+        return False
+    qualname = f"fastnn::{op}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):  # noqa: SLF001
+        return False
+    return True
+
+
+def info() -> dict:
+    """A summary for bug reports and the benchmark header."""
+    return {
+        "extension": available(),
+        "extension_error": error(),
+        "cuda_kernels": built_with_cuda(),
+        "torch": torch.__version__,
+    }
