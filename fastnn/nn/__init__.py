@@ -1,0 +1,1 @@
+"""Modules that mirror torch.nn. Each family's module file registers its fastnn.convert pairs."""
