@@ -60,7 +60,7 @@ def _adam_chunks(table, numels, chunk_tensor, chunk_start,
         bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
         bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
         step_size = lr_v / bc1
-        for i in range(0, CHUNK_, BLOCK_):
+        for i in range(0, tl.minimum(CHUNK_, n - start), BLOCK_):  # the last chunk may be short
             offs = start + i + tl.arange(0, BLOCK_)
             mask = offs < n
             p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -114,7 +114,7 @@ def _sgd_chunks(table, numels, chunk_tensor, chunk_start,
         lr_v = lr
         if HAS_LR_TENSOR:
             lr_v = tl.load(lr_ptr).to(tl.float32)
-        for i in range(0, CHUNK_, BLOCK_):
+        for i in range(0, tl.minimum(CHUNK_, n - start), BLOCK_):  # the last chunk may be short
             offs = start + i + tl.arange(0, BLOCK_)
             mask = offs < n
             p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)

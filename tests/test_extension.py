@@ -1,0 +1,105 @@
+"""The compiled library is optional: fastnn works without it (FASTNN_DISABLE_EXT=1 / a pure-Python
+install), on the reference and Triton paths, with the same results."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastnn
+from fastnn import _extension, backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600, cwd=ROOT)
+
+
+def test_disabled_extension_trains_like_torch():
+    """With FASTNN_DISABLE_EXT=1 the optimizers run on the reference path and still match torch."""
+    out = _run("""
+        import torch, fastnn
+        from fastnn import _extension
+        assert not _extension.available() and "FASTNN_DISABLE_EXT" in _extension.error()
+        torch.manual_seed(0)
+        a = torch.nn.Linear(8, 4); b = torch.nn.Linear(8, 4); b.load_state_dict(a.state_dict())
+        oa = fastnn.optim.AdamW(a.parameters(), lr=1e-2); ob = torch.optim.AdamW(b.parameters(), lr=1e-2)
+        for i in range(20):
+            x = torch.randn(16, 8)
+            for m, o in ((a, oa), (b, ob)):
+                o.zero_grad(); m(x).pow(2).mean().backward(); o.step()
+        assert fastnn.ops.adam_step_.choose([a.weight]) == "reference"
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        print("ok")
+    """, FASTNN_DISABLE_EXT="1", TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_pure_python_build_has_no_extension():
+    """setup.py with FASTNN_BUILD_EXT=0 builds no extension module (a pure-Python install)."""
+    out = _run("""
+        import runpy, sys
+        sys.argv = ["setup.py", "--name"]
+        import setuptools
+        setuptools.setup = lambda **kw: print("ext_modules", len(kw["ext_modules"]))
+        runpy.run_path("setup.py", run_name="__main__")
+    """, FASTNN_BUILD_EXT="0")
+    assert out.returncode == 0, out.stderr
+    assert "ext_modules 0" in out.stdout
+
+
+def test_broken_library_warns_and_falls_back():
+    """A compiled library that fails to load (built against another torch, say) gives one warning
+    naming the cause, not an ImportError, and fastnn still works on the reference path."""
+    out = _run("""
+        import importlib.abc, sys, warnings
+
+        class BrokenLibrary(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fastnn._C":
+                    raise ImportError("_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+
+        sys.meta_path.insert(0, BrokenLibrary())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, fastnn
+            assert not fastnn.build_info()["extension"]
+        messages = [str(w.message) for w in caught if "fastnn" in str(w.message)]
+        assert len(messages) == 1 and "undefined symbol" in messages[0], messages
+        p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
+        fastnn.optim.SGD([p], lr=0.5).step()
+        assert torch.equal(p.detach(), torch.full((3,), 0.5))
+        print("ok")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_info_reports_the_build():
+    info = fastnn.build_info()
+    assert set(info) >= {"extension", "extension_error", "cuda_kernels", "torch"}
+    assert info["extension"] == _extension.available()
+
+
+def test_forced_backend_error_names_the_reason():
+    with backends.force("cuda"):
+        with pytest.raises(backends.BackendError, match="FASTNN|force"):
+            fastnn.ops.adam_step_([torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], [],
+                                  [torch.tensor(0.0)], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                                  amsgrad=False, maximize=False, decoupled=False)
+
+
+def test_env_backend_parsing():
+    out = _run("""
+        from fastnn import backends
+        print(backends.forced("adam_step"), backends.forced("lstm_cell"))
+    """, FASTNN_BACKEND="adam_step:reference")
+    assert out.stdout.split() == ["reference", "None"], out.stderr
+    out = _run("import fastnn", FASTNN_BACKEND="nonsense")
+    assert out.returncode != 0 and "unknown backend" in out.stderr
