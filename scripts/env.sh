@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "fastnn env: $*" >&2; }
+# pip, quietly: the local package index's configuration makes pip warn about every missing folder.
+pip_install() { "$PY" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2; }
 
 if [ -n "${FASTNN_PYTHON:-}" ]; then
   PY=$FASTNN_PYTHON
@@ -29,7 +31,7 @@ fi
 
 if ! "$PY" -c 'import torch' 2>/dev/null; then
   log "installing ${FASTNN_TORCH:-torch==2.14.1}"
-  "$PY" -m pip install -q "${FASTNN_TORCH:-torch==2.14.1}" >&2
+  pip_install "${FASTNN_TORCH:-torch==2.14.1}"
 fi
 
 # import name -> pip name, for what the build, tests, benchmarks and examples use.
@@ -41,7 +43,7 @@ for pair in numpy:numpy pybind11:pybind11 ninja:ninja pytest:pytest pytest_bench
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
-  "$PY" -m pip install -q "${missing[@]}" >&2
+  pip_install "${missing[@]}"
 fi
 
 # ccache makes rebuilds of unchanged sources free; torch's build uses it when it is on the PATH.

@@ -8,6 +8,14 @@
 namespace fastnn {
 namespace optim {
 
+// The gradient as an update uses it: unscaled by grad_scale (that value is what the caller writes
+// back into the gradient), then multiplied by clip_coef * (maximize ? -1 : 1) when that is not 1.
+template <typename T, typename S>
+C10_HOST_DEVICE inline T prepare_grad(T& g, bool unscale, S scale, bool do_mult, S mult) {
+  if (unscale) g = g / T(scale);
+  return do_mult ? g * T(mult) : g;
+}
+
 // Per-tensor coefficients, computed once per tensor (CPU) or per block (CUDA).
 template <typename S>
 struct AdamCoeffs {

@@ -63,14 +63,19 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& 
                                                  const at::Tensor& grad_scale);
 
 #ifdef FASTNN_WITH_CUDA
-// The device tables of a previous launch, kept by a caller that steps the same tensors again
-// (the optimizers' plan): when the host table is unchanged the device copy is reused.
+// The device table of a previous launch, kept by a caller that steps the same tensors again
+// (the optimizers' plan): when the host table is unchanged the device copy is reused, and
+// relaunch_cuda runs a step on it without building the host table at all.
 struct CudaTableCache {
   std::vector<int64_t> host;
   at::Tensor device;
+  int64_t n_tensors = 0, n_chunks = 0;
+  bool valid = false;  // set by step_cuda when this holds the table of its launch
 };
 void step_cuda(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
                const Scaling& scaling, CudaTableCache* cache);
+void relaunch_cuda(Kind kind, const CudaTableCache& cache, const std::vector<Group>& groups,
+                   const Scaling& scaling, const at::Device& device);
 std::tuple<at::Tensor, at::Tensor> grad_norm_cuda(const std::vector<at::Tensor>& grads,
                                                   double max_norm, double norm_type,
                                                   const at::Tensor& grad_scale,

@@ -115,8 +115,7 @@ void adam_range(const Slot& s, const AdamCoeffs<double>& cd, AdamFlags f, GradPr
     L::load(ptr.v + i, v);
     if (f.amsgrad) L::load(ptr.x + i, x);
     for (int k = 0; k < L::kParts; ++k) {
-      if (prep.unscale) g[k] = g[k] / V(scale);
-      V gk = do_mult ? g[k] * V(mult) : g[k];
+      const V gk = prepare_grad(g[k], prep.unscale, scale, do_mult, mult);
       adam_update<V, VecOps<V>>(p[k], gk, m[k], v[k], x[k], c, f);
     }
     L::store(ptr.p + i, p);
@@ -128,11 +127,8 @@ void adam_range(const Slot& s, const AdamCoeffs<double>& cd, AdamFlags f, GradPr
   for (; i < end; ++i) {
     opmath_t p = ptr.p[i], g = ptr.g[i], m = ptr.m[i], v = ptr.v[i];
     opmath_t x = f.amsgrad ? (opmath_t)ptr.x[i] : opmath_t(0);
-    if (prep.unscale) {
-      g = g / scale;
-      ptr.g[i] = (scalar_t)g;
-    }
-    opmath_t gk = do_mult ? g * mult : g;
+    const opmath_t gk = prepare_grad(g, prep.unscale, scale, do_mult, mult);
+    if (prep.unscale) ptr.g[i] = (scalar_t)g;
     adam_update<opmath_t, ScalarOps<opmath_t>>(p, gk, m, v, x, c, f);
     ptr.p[i] = (scalar_t)p;
     ptr.m[i] = (scalar_t)m;
@@ -159,8 +155,7 @@ void sgd_range(const Slot& s, const SgdCoeffs<double>& cd, SgdFlags f, GradPrep 
     L::load(ptr.g + i, g);
     if (f.momentum && !f.first_step) L::load(ptr.m + i, b);
     for (int k = 0; k < L::kParts; ++k) {
-      if (prep.unscale) g[k] = g[k] / V(scale);
-      V gk = do_mult ? g[k] * V(mult) : g[k];
+      const V gk = prepare_grad(g[k], prep.unscale, scale, do_mult, mult);
       sgd_update<V>(p[k], gk, b[k], c, f);
     }
     L::store(ptr.p + i, p);
@@ -170,11 +165,8 @@ void sgd_range(const Slot& s, const SgdCoeffs<double>& cd, SgdFlags f, GradPrep 
   for (; i < end; ++i) {
     opmath_t p = ptr.p[i], g = ptr.g[i];
     opmath_t b = (f.momentum && !f.first_step) ? (opmath_t)ptr.m[i] : opmath_t(0);
-    if (prep.unscale) {
-      g = g / scale;
-      ptr.g[i] = (scalar_t)g;
-    }
-    opmath_t gk = do_mult ? g * mult : g;
+    const opmath_t gk = prepare_grad(g, prep.unscale, scale, do_mult, mult);
+    if (prep.unscale) ptr.g[i] = (scalar_t)g;
     sgd_update<opmath_t>(p, gk, b, c, f);
     ptr.p[i] = (scalar_t)p;
     if (f.momentum) ptr.m[i] = (scalar_t)b;

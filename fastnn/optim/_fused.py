@@ -112,8 +112,10 @@ class FusedOptimizerMixin:
     # -- plans -----------------------------------------------------------------------------------
 
     def _plan_key(self) -> tuple:
-        # Rebuild when the parameter lists or the forced backend change.
-        return (tuple(id(p) for g in self.param_groups for p in g["params"]), backends.forced(self._op.name))
+        # Rebuild when the groups' parameter lists or the forced backend change. O(groups), not
+        # O(parameters): a step must cost no per-parameter Python work. (add_param_group and
+        # load_state_dict drop the plans themselves.)
+        return (tuple((id(g["params"]), len(g["params"])) for g in self.param_groups), backends.forced(self._op.name))
 
     def _build_plans(self) -> list[_Plan]:
         by_device: dict[torch.device, tuple[list[Tensor], list[int]]] = {}

@@ -34,6 +34,21 @@ def _increment_steps(step_table, found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
 
 
 @triton.jit
+def _prepare_grad(g, g_ptr, offs, mask, grad_scale_ptr, clip_ptr, DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The gradient as the update uses it: unscaled (and written back so), clipped, negated for
+    maximize (csrc/optim/math.h: prepare_grad)."""
+    if HAS_SCALE:
+        g = g / tl.load(grad_scale_ptr)
+        tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
+    if HAS_CLIP:
+        g = g * tl.load(clip_ptr)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
 def _adam_chunks(table, numels, chunk_tensor, chunk_start,
                  lr_ptr, grad_scale_ptr, found_inf_ptr, clip_ptr,
                  lr, beta1, beta2, eps, weight_decay,
@@ -67,13 +82,7 @@ def _adam_chunks(table, numels, chunk_tensor, chunk_start,
             g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
             m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-            if HAS_SCALE:
-                g = g / tl.load(grad_scale_ptr)
-                tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
-            if HAS_CLIP:
-                g = g * tl.load(clip_ptr)
-            if MAXIMIZE:
-                g = -g
+            g = _prepare_grad(g, g_ptr, offs, mask, grad_scale_ptr, clip_ptr, DTYPE, HAS_SCALE, HAS_CLIP, MAXIMIZE)
             if weight_decay != 0.0:
                 if DECOUPLED:
                     p = p * (1.0 - lr_v * weight_decay)
@@ -119,13 +128,7 @@ def _sgd_chunks(table, numels, chunk_tensor, chunk_start,
             mask = offs < n
             p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-            if HAS_SCALE:
-                g = g / tl.load(grad_scale_ptr)
-                tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
-            if HAS_CLIP:
-                g = g * tl.load(clip_ptr)
-            if MAXIMIZE:
-                g = -g
+            g = _prepare_grad(g, g_ptr, offs, mask, grad_scale_ptr, clip_ptr, DTYPE, HAS_SCALE, HAS_CLIP, MAXIMIZE)
             if weight_decay != 0.0:
                 g = g + weight_decay * p
             if MOMENTUM:

@@ -489,3 +489,23 @@ def test_many_small_tensors_one_plan():
     assert len(opt._plans) == 1
     for p, c in zip(params, clones):
         testing.assert_close(p.detach(), c.detach())
+
+
+@pytest.mark.gpu
+def test_parameters_on_several_devices():
+    """CPU and CUDA parameters in one optimizer, with clipping over both: like torch on each."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(77, device="cuda"))]
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = fastnn.optim.AdamW(params, lr=1e-2, max_grad_norm=0.5)
+    ref = torch.optim.AdamW(clones, lr=1e-2)
+    for _ in range(10):
+        for p, c in zip(params, clones):
+            g = torch.randn_like(p)
+            p.grad, c.grad = g, g.clone()
+        torch.nn.utils.clip_grad_norm_(clones, 0.5)
+        opt.step()
+        ref.step()
+    assert len(opt._plans) == 2
+    for p, c in zip(params, clones):
+        testing.assert_close(p.detach(), c.detach())

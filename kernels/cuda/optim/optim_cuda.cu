@@ -24,7 +24,8 @@ namespace fastnn {
 namespace optim {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 256;
+constexpr int kMinBlocksPerSM = 3;  // <= 85 registers: no spills, 768 resident threads per SM
 constexpr int64_t kChunk = 32768;  // elements per block
 constexpr int kMaxGroups = 32;     // groups per launch (more: several launches)
 
@@ -123,11 +124,9 @@ __device__ void adam_chunk(const TensorMeta& m, const GroupArgs& g, GradPrep pre
 
   auto update = [&](scalar_t& pp, scalar_t& gg, scalar_t& mm, scalar_t& vv, scalar_t& xx) {
     opmath_t P = pp, G = gg, M = mm, V = vv, X = f.amsgrad ? (opmath_t)xx : opmath_t(0);
-    if (prep.unscale) {
-      G = G / scale;
-      gg = (scalar_t)G;
-    }
-    adam_update<opmath_t, DevOps<opmath_t>>(P, G * mult, M, V, X, c, f);
+    const opmath_t used = prepare_grad(G, prep.unscale, scale, true, mult);
+    if (prep.unscale) gg = (scalar_t)G;
+    adam_update<opmath_t, DevOps<opmath_t>>(P, used, M, V, X, c, f);
     pp = (scalar_t)P;
     mm = (scalar_t)M;
     vv = (scalar_t)V;
@@ -174,11 +173,9 @@ __device__ void sgd_chunk(const TensorMeta& m, const GroupArgs& g, GradPrep prep
 
   auto update = [&](scalar_t& pp, scalar_t& gg, scalar_t& bb) {
     opmath_t P = pp, G = gg, B = (f.momentum && !f.first_step) ? (opmath_t)bb : opmath_t(0);
-    if (prep.unscale) {
-      G = G / scale;
-      gg = (scalar_t)G;
-    }
-    sgd_update<opmath_t>(P, G * mult, B, c, f);
+    const opmath_t used = prepare_grad(G, prep.unscale, scale, true, mult);
+    if (prep.unscale) gg = (scalar_t)G;
+    sgd_update<opmath_t>(P, used, B, c, f);
     pp = (scalar_t)P;
     if (f.momentum) bb = (scalar_t)B;
   };
@@ -211,7 +208,7 @@ __global__ void increment_steps(const TensorMeta* metas, int64_t n, Scalar found
 }
 
 template <Kind K>
-__global__ void __launch_bounds__(kThreads) multi_tensor_step(const LaunchArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) multi_tensor_step(const __grid_constant__ LaunchArgs args) {
   if (args.has_found_inf && args.found_inf.get() != 0.f) return;
   const int64_t packed = args.chunks[blockIdx.x];
   const TensorMeta m = args.metas[packed >> 32];
@@ -302,11 +299,11 @@ Scalar scalar_arg(const at::Tensor& t, float otherwise, std::vector<at::Tensor>&
   return Scalar{f.data_ptr<float>(), 0.f};
 }
 
-void launch(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups, int group_base,
-            const Scaling& scaling, CudaTableCache* cache) {
-  const at::Device device = slots[0].param.device();
-  std::vector<at::Tensor> keep_alive;
-  LaunchArgs args{};
+// Kernel arguments of the groups [group_base, group_base + kMaxGroups) and the scaling inputs.
+// Returns false when the step is skipped (found_inf read on the host as nonzero).
+bool make_args(LaunchArgs& args, const std::vector<Group>& groups, int group_base,
+               const Scaling& scaling, std::vector<at::Tensor>& keep_alive) {
+  args = LaunchArgs{};
   const int ngroups = std::min<int>(kMaxGroups, (int)groups.size() - group_base);
   for (int gi = 0; gi < ngroups; ++gi) {
     const Group& g = groups[group_base + gi];
@@ -329,24 +326,18 @@ void launch(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& group
   args.grad_scale = scalar_arg(scaling.grad_scale, 1.f, keep_alive);
   args.found_inf = scalar_arg(scaling.found_inf, 0.f, keep_alive);
   args.clip_coef = scalar_arg(scaling.clip_coef, 1.f, keep_alive);
-  if (args.has_found_inf && !args.found_inf.ptr && args.found_inf.value != 0.f) return;
+  return !(args.has_found_inf && !args.found_inf.ptr && args.found_inf.value != 0.f);
+}
 
-  int64_t n_chunks = 0;
-  std::vector<int64_t> host = host_table(slots, &n_chunks);
-  if (group_base != 0) {
-    for (size_t i = 0; i < slots.size(); ++i) {
-      reinterpret_cast<TensorMeta*>(host.data() + i * 8)->group -= (int16_t)group_base;
-    }
-  }
-  at::Tensor table = device_table(std::move(host), device, cache);
+// The step's kernels on a device table of n_tensors metas followed by n_chunks chunk words.
+void run_kernels(Kind kind, LaunchArgs& args, const at::Tensor& table, int64_t n_tensors,
+                 int64_t n_chunks) {
   args.metas = reinterpret_cast<const TensorMeta*>(table.data_ptr<int64_t>());
-  args.chunks = table.data_ptr<int64_t>() + slots.size() * 8;
-
+  args.chunks = table.data_ptr<int64_t>() + n_tensors * 8;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t n = (int64_t)slots.size();
-  if (kind == Kind::Adam) {
-    increment_steps<<<(unsigned)((n + 255) / 256), 256, 0, stream>>>(args.metas, n, args.found_inf,
-                                                                      args.has_found_inf);
+  if (kind == Kind::Adam && n_tensors > 0) {
+    increment_steps<<<(unsigned)((n_tensors + 255) / 256), 256, 0, stream>>>(
+        args.metas, n_tensors, args.found_inf, args.has_found_inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (n_chunks == 0) return;
@@ -359,8 +350,30 @@ void launch(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& group
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void launch(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups, int group_base,
+            const Scaling& scaling, CudaTableCache* cache) {
+  std::vector<at::Tensor> keep_alive;
+  LaunchArgs args;
+  if (!make_args(args, groups, group_base, scaling, keep_alive)) return;
+  int64_t n_chunks = 0;
+  std::vector<int64_t> host = host_table(slots, &n_chunks);
+  if (group_base != 0) {
+    for (size_t i = 0; i < slots.size(); ++i) {
+      reinterpret_cast<TensorMeta*>(host.data() + i * 8)->group -= (int16_t)group_base;
+    }
+  }
+  at::Tensor table = device_table(std::move(host), slots[0].param.device(), cache);
+  if (cache) {
+    cache->n_tensors = (int64_t)slots.size();
+    cache->n_chunks = n_chunks;
+    cache->valid = true;
+  }
+  run_kernels(kind, args, table, (int64_t)slots.size(), n_chunks);
+}
+
 void step_contiguous(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
                      const Scaling& scaling, CudaTableCache* cache) {
+  if (cache) cache->valid = false;
   if (slots.empty()) return;
   const c10::cuda::CUDAGuard guard(slots[0].param.device());
   if ((int)groups.size() <= kMaxGroups) {
@@ -440,8 +453,19 @@ __global__ void norm_finish(const double* partial, int64_t n, Scalar grad_scale,
 
 }  // namespace
 
+void relaunch_cuda(Kind kind, const CudaTableCache& cache, const std::vector<Group>& groups,
+                   const Scaling& scaling, const at::Device& device) {
+  TORCH_CHECK(cache.valid && (int)groups.size() <= kMaxGroups, "fastnn: no cached optimizer table");
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> keep_alive;
+  LaunchArgs args;
+  if (!make_args(args, groups, 0, scaling, keep_alive)) return;
+  run_kernels(kind, args, cache.device, cache.n_tensors, cache.n_chunks);
+}
+
 void step_cuda(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
                const Scaling& scaling, CudaTableCache* cache) {
+  if (cache) cache->valid = false;
   with_contiguous(slots, [&](std::vector<Slot>& dense) {
     // Copies made for non-dense tensors live only for this call: never cache their addresses.
     const bool copied = &dense != &slots;
