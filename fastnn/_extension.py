@@ -15,9 +15,22 @@ import warnings
 
 import torch
 
-__all__ = ["load", "available", "error", "built_with_cuda", "has_kernel", "info"]
+__all__ = ["load", "available", "error", "built_with_cuda", "has_kernel", "info", "on_load"]
 
 _ERROR: str | None = None
+# Run once the library is loaded (families register the fake kernels and autograd of their
+# compiled ops here): importing fastnn does not load the library, the first op call does.
+_ON_LOAD: list = []
+_LOADED = None
+
+
+def on_load(fn):
+    """Call ``fn(module)`` when the compiled library loads (now, if it already has)."""
+    if _LOADED is not None:
+        fn(_LOADED)
+    else:
+        _ON_LOAD.append(fn)
+    return fn
 
 
 def _disabled() -> bool:
@@ -53,6 +66,11 @@ def load():
     if built != running:
         warnings.warn(f"fastnn: compiled kernels were built against torch {built} but torch {running} "
                       "is running; rebuild if ops misbehave", RuntimeWarning, stacklevel=2)
+    global _LOADED
+    _LOADED = module
+    for fn in _ON_LOAD:
+        fn(module)
+    _ON_LOAD.clear()
     return module
 
 

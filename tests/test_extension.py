@@ -103,3 +103,15 @@ def test_env_backend_parsing():
     assert out.stdout.split() == ["reference", "None"], out.stderr
     out = _run("import fastnn", FASTNN_BACKEND="nonsense")
     assert out.returncode != 0 and "unknown backend" in out.stderr
+
+
+def test_import_does_not_load_the_library():
+    out = _run("""
+        import sys, torch, fastnn
+        assert "fastnn._C" not in sys.modules, "import fastnn loaded the compiled library"
+        p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.ones(2)
+        fastnn.optim.SGD([p], lr=0.1).step()
+        print("loaded" if "fastnn._C" in sys.modules else "not loaded")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("loaded" if _extension.available() else "not loaded")

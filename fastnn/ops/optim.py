@@ -229,10 +229,8 @@ def _(*args, **kwargs) -> None:
     return None
 
 
-def _register_native_fakes() -> None:
-    if not _extension.available():
-        return
-
+@_extension.on_load
+def _register_native_fakes(_module) -> None:
     @torch.library.register_fake("fastnn::adam_step_")
     def _(*args, **kwargs) -> None:
         return None
@@ -245,9 +243,6 @@ def _register_native_fakes() -> None:
     def _(grads, max_norm, norm_type=2.0, grad_scale=None):
         device = grads[0].device if grads else torch.device("cpu")
         return torch.empty((), device=device), torch.empty((), device=device)
-
-
-_register_native_fakes()
 
 
 # ---------------------------------------------------------------------------------------------
