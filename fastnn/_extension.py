@@ -78,7 +78,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     if load() is None:
         return False
     qualname = f"fastnn::{op}"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):  # noqa: SLF001
+    try:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):  # noqa: SLF001
+            return False
+    except RuntimeError:  # the op is not registered at all (a library built before it existed)
         return False
     return True
 
