@@ -227,8 +227,8 @@ def _register_autograd(prefix: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Fake (meta) kernels: the shapes of every op's outputs, with no data.
 
-def _gating_fake(logits, top_k, score_func, renormalize, selection_bias, num_groups, topk_groups, group_score,
-                 routed_scaling_factor, capacity_factor, drop_policy):
+def _gating_fake(logits, top_k, score_func="softmax", renormalize=True, selection_bias=None, num_groups=1,
+                 topk_groups=1, group_score="max", routed_scaling_factor=1.0, capacity_factor=0.0, drop_policy="drop"):
     T, E = logits.shape
     wdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     i64 = dict(dtype=torch.int64, device=logits.device)
@@ -252,7 +252,7 @@ def _unpermute_backward_fake(grad_out, y, slot_positions, weights, sorted_slots)
     return torch.empty_like(y), torch.empty_like(weights)
 
 
-def _grouped_fake(a, b, offsets, trans_b):
+def _grouped_fake(a, b, offsets, trans_b=False):
     return a.new_empty((a.shape[0], b.shape[1] if trans_b else b.shape[2]))
 
 
