@@ -288,7 +288,12 @@ def _register_native() -> bool:
 
 
 _NATIVE = _register_native()
-_TRITON = False  # TODO(triton): set once fastnn::triton_* MoE ops exist
+_TRITON = False
+if triton_available():
+    from . import _moe_triton  # noqa: E402,F401  (defines the fastnn::triton_* ops)
+
+    _register_autograd("triton_")
+    _TRITON = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,12 +338,19 @@ def _gating_native(*args, **kwargs) -> GatingOutput:
 
 
 def _gating_triton_supports(*args, **kwargs) -> Optional[str]:
-    a = _gating_args(args, dict(kwargs))
     if not _TRITON:
         return "triton is not installed"
-    logits = a[0]
-    if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[1] > 1024:
-        return f"the Triton gating kernel holds one token's experts in registers (E <= 1024), got E = {logits.shape[1]}"
+    logits, top_k, _, _, _, num_groups, _, _, _, capacity_factor, _ = _gating_args(args, dict(kwargs))
+    if capacity_factor and capacity_factor > 0:
+        return "the Triton gating kernel has no capacity limit (capacity routing runs on cpu, cuda or reference)"
+    if isinstance(logits, Tensor) and logits.dim() == 2:
+        E = logits.shape[1]
+        if E > 1024:
+            return f"the Triton gating kernel holds a token's experts in registers (E <= 1024), got E = {E}"
+        if num_groups > 1 and E & (E - 1):
+            return f"grouped routing in Triton needs a power-of-two number of experts, got E = {E}"
+        if logits.dtype == torch.float64:
+            return "the Triton gating kernel computes in float32; float64 logits use cpu/cuda/reference"
     return None
 
 
@@ -368,6 +380,14 @@ def _permute_triton(x, sorted_slots, top_k):
     return torch.ops.fastnn.triton_permute_tokens(x, sorted_slots, top_k)
 
 
+def _combine_triton_supports(y, *args, **kwargs) -> Optional[str]:
+    if not _TRITON:
+        return "triton is not installed"
+    if isinstance(y, Tensor) and y.dtype == torch.float64:
+        return "the Triton combine accumulates in float32; float64 uses cpu/cuda/reference"
+    return None
+
+
 def _weights_for(y: Tensor, slot_positions: Tensor, weights: Optional[Tensor]) -> Tensor:
     if weights is None:
         return torch.ones(slot_positions.shape, dtype=y.dtype, device=y.device)
@@ -387,7 +407,7 @@ def _unpermute_native(y, slot_positions, weights=None):
     return torch.ops.fastnn.unpermute_tokens(y, slot_positions, _weights_for(y, slot_positions, weights))
 
 
-@unpermute_tokens.register("triton", supports=lambda *a, **k: None if _TRITON else "triton is not installed")
+@unpermute_tokens.register("triton", supports=_combine_triton_supports)
 def _unpermute_triton(y, slot_positions, weights=None):
     validate_unpermute(y, slot_positions, weights)
     return torch.ops.fastnn.triton_unpermute_tokens(y, slot_positions, _weights_for(y, slot_positions, weights))
@@ -410,7 +430,11 @@ def _grouped_triton_supports(a, b, offsets, trans_b=False) -> Optional[str]:
         return "triton is not installed"
     if isinstance(a, Tensor) and a.dtype == torch.float64:
         return "the Triton grouped GEMM covers float32, bfloat16 and float16 (tl.dot has no float64 path)"
+    if isinstance(a, Tensor) and a.dtype == torch.bfloat16 and a.device.type == "cpu":
+        # Seen with Triton 3.8: a bare tl.dot of two bf16 tiles returns garbage when interpreted.
+        return "the Triton interpreter computes bfloat16 tl.dot wrongly; bf16 runs on a GPU or another backend"
     return None
+
 
 
 @grouped_mm.register("triton", supports=_grouped_triton_supports)

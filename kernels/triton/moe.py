@@ -33,7 +33,7 @@ SCORE_CODES = {"softmax": SOFTMAX, "topk_softmax": TOPK_SOFTMAX, "sigmoid": SIGM
 
 @triton.jit
 def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_ptr, T, E, scale,
-                   K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SCORE: tl.constexpr,
+                   K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SCORE: tl.constexpr,
                    RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                    TOP2_SUM: tl.constexpr):
     pid = tl.program_id(0)
@@ -43,6 +43,8 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_ptr, T, E,
     cmask = cols < E
     m2 = rmask[:, None] & cmask[None, :]
     x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=m2, other=float("-inf")).to(tl.float32)
+    x = tl.where(rmask[:, None], x, 0.0)  # rows past T: finite values, so no -inf - -inf below
+    x = tl.where(cmask[None, :], x, float("-inf"))
     ninf = float("-inf")
     if SCORE == 0:
         mx = tl.max(x, axis=1)
@@ -86,8 +88,8 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_ptr, T, E,
         elig = cmask[None, :] & (rows[:, None] >= 0)
     # Top-k by iterated max; among equal scores the lowest index wins, and only eligible experts
     # compete (so an eligible expert with a -inf/NaN score still beats an ineligible one).
-    ksel = tl.arange(0, K)[None, :]
-    ids = tl.zeros((BLOCK_T, K), dtype=tl.int32)
+    ksel = tl.arange(0, K_PAD)[None, :]  # tl.arange needs a power of two: columns >= K are padding
+    ids = tl.full((BLOCK_T, K_PAD), E_PAD, dtype=tl.int32)  # padding matches no expert
     picked = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
     for j in tl.static_range(K):
         cand = tl.where((picked == 0) & elig, sel, ninf)
@@ -101,6 +103,7 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_ptr, T, E,
     onehot = cols[None, None, :] == ids[:, :, None]  # [BLOCK_T, K, E_PAD]
     if SCORE == 1:
         chosen = tl.sum(tl.where(onehot, x[:, None, :], 0.0), axis=2)
+        chosen = tl.where(ksel < K, chosen, float("-inf"))
         cm = tl.max(chosen, axis=1)
         ce = tl.exp(chosen - cm[:, None])
         w = ce / tl.sum(ce, axis=1)[:, None]
@@ -116,10 +119,10 @@ def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_ptr, T, E,
     w = tl.where(nan_w[:, None], float("nan"), w)
     w = w * scale
     out_off = rows[:, None] * K + ksel
-    omask = rmask[:, None] & (ksel >= 0)
+    omask = rmask[:, None] & (ksel < K)
     tl.store(weights_ptr + out_off, w.to(weights_ptr.dtype.element_ty), mask=omask)
     tl.store(ids_ptr + out_off, ids.to(tl.int64), mask=omask)
-    tl.atomic_add(counts_ptr + ids, tl.full((BLOCK_T, K), 1, tl.int64), mask=omask)
+    tl.atomic_add(counts_ptr + ids, tl.full((BLOCK_T, K_PAD), 1, tl.int64), mask=omask)
 
 
 @triton.jit

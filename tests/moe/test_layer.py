@@ -51,11 +51,12 @@ def _layer(cfg, device, dtype=torch.float64):
     return m
 
 
-def _backend_ok(backend, device, dtype):
+def _backend_ok(backend, device, dtype, routing=None):
     x = torch.randn(4, 8, device=device, dtype=dtype)
-    for op, args in ((ops.topk_gating, (x, 2)), (ops.grouped_mm, (x, x.new_zeros(2, 8, 8), torch.ones(2, dtype=torch.long,
-                                                                                                  device=device)))):
-        why = op.reason(backend, *args)
+    checks = ((ops.topk_gating, (x, 2), routing or {}),
+              (ops.grouped_mm, (x, x.new_zeros(2, 8, 8), torch.ones(2, dtype=torch.long, device=device)), {}))
+    for op, args, kw in checks:
+        why = op.reason(backend, *args, **kw)
         if why is not None:
             pytest.skip(f"{op.name} on {backend}: {why}")
 
@@ -63,8 +64,8 @@ def _backend_ok(backend, device, dtype):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_layer_matches_loop(backend, device_for, config):
     dtype = torch.float32 if backend == "triton" else torch.float64
-    _backend_ok(backend, device_for, dtype)
     m = _layer(CONFIGS[config], device_for, dtype)
+    _backend_ok(backend, device_for, dtype, m.routing)
     x = torch.randn(3, 5, 12, device=device_for, dtype=dtype, requires_grad=True)
     x_before = x.detach().clone()
     with backends.force(backend):
