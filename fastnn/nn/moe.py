@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import backends, ops
 from ..ops import moe as moe_ops
 from ..reference.moe import ACTIVATIONS, gated_activation
 
@@ -80,6 +80,13 @@ class Experts(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x: Tensor, gating: moe_ops.GatingOutput, top_k: int) -> Tensor:
+        mlp_args = (x, gating.sorted_slots, gating.tokens_per_expert, gating.slot_positions, gating.weights,
+                    self.gate_up_proj, self.down_proj, self.activation)
+        # Inference on the CPU: the fused op (one parallel region over expert tiles) when nothing
+        # forces another backend; training and other devices: the differentiable ops below.
+        if backends.forced("moe_mlp") in (None, "cpu") and x.device.type == "cpu" and \
+                moe_ops.moe_mlp.reason("cpu", *mlp_args) is None:
+            return moe_ops.moe_mlp.call("cpu", *mlp_args)
         offsets = torch.cumsum(gating.tokens_per_expert, 0)
         xs = ops.permute_tokens(x, gating.sorted_slots, top_k)
         h = ops.grouped_mm(xs, self.gate_up_proj, offsets, trans_b=True)

@@ -265,6 +265,7 @@ _FAKES = {
     "topk_gating": _gating_fake, "topk_gating_backward": _gating_backward_fake, "permute_tokens": _permute_fake,
     "unpermute_tokens": _unpermute_fake, "unpermute_tokens_backward": _unpermute_backward_fake,
     "grouped_mm": _grouped_fake, "grouped_mm_backward": _grouped_backward_fake,
+    "moe_mlp": lambda x, *args: torch.empty_like(x),
 }
 
 
@@ -284,6 +285,12 @@ def _register_native() -> bool:
     if _extension.built_with_cuda():
         torch.library.impl("fastnn::topk_gating_backward", "CUDA")(_reference_gating_backward)
     _register_autograd("")
+
+    def no_backward(ctx, grad):
+        raise RuntimeError("fastnn::moe_mlp is the inference path of the experts; with gradients fastnn.MoE uses "
+                           "the composed differentiable ops")
+
+    torch.library.register_autograd("fastnn::moe_mlp", no_backward)
     return True
 
 
@@ -320,6 +327,8 @@ topk_gating = Op("topk_gating", preference={"cuda": ("triton", "cuda", "referenc
 permute_tokens = Op("permute_tokens", preference={"cuda": ("triton", "cuda", "reference")})
 unpermute_tokens = Op("unpermute_tokens", preference={"cuda": ("triton", "cuda", "reference")})
 grouped_mm = Op("grouped_mm", preference={"cuda": ("triton", "reference")})
+# The experts' whole inference forward in one op (CPU): see csrc/moe/moe_mlp_cpu.cpp.
+moe_mlp = Op("moe_mlp")
 
 
 @topk_gating.register("reference")
@@ -329,8 +338,22 @@ def _gating_reference(*args, **kwargs) -> GatingOutput:
     return ref.topk_gating(*a)
 
 
+def _gating_cuda_supports(*args, **kwargs) -> Optional[str]:
+    if not _NATIVE:
+        return "the compiled library has no MoE ops (rebuild fastnn)"
+    logits, top_k, _, _, _, num_groups, _, _, _, capacity_factor, _ = _gating_args(args, dict(kwargs))
+    if capacity_factor and capacity_factor > 0:
+        return "the CUDA gating kernel has no capacity limit (capacity routing runs on the reference path)"
+    if isinstance(top_k, int) and top_k > 32 or num_groups > 32:
+        return "the CUDA gating kernel takes top_k <= 32 and num_groups <= 32 (one warp lane each)"
+    if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[1] > (512 if logits.dtype == torch.float64
+                                                                                 else 1024):
+        return "the CUDA gating kernel keeps a token's scores in shared memory (E <= 1024; 512 in float64)"
+    return None
+
+
 @topk_gating.register("cpu", native="topk_gating", supports=_native_supports)
-@topk_gating.register("cuda", native="topk_gating", supports=_native_supports)
+@topk_gating.register("cuda", native="topk_gating", supports=_gating_cuda_supports)
 def _gating_native(*args, **kwargs) -> GatingOutput:
     a = _gating_args(args, dict(kwargs))
     validate_gating(*a)
@@ -441,3 +464,26 @@ def _grouped_triton_supports(a, b, offsets, trans_b=False) -> Optional[str]:
 def _grouped_triton(a, b, offsets, trans_b=False):
     validate_grouped_mm(a, b, offsets, trans_b)
     return torch.ops.fastnn.triton_grouped_mm(a, b, offsets.to(torch.int64), trans_b)
+
+
+def _mlp_supports(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj, down_proj,
+                  activation="silu") -> Optional[str]:
+    if not _NATIVE or not hasattr(torch.ops.fastnn, "moe_mlp"):
+        return "the compiled library has no MoE ops (rebuild fastnn)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj)):
+        return "moe_mlp is inference-only (no backward); with gradients use the composed ops"
+    return None
+
+
+@moe_mlp.register("reference")
+def _mlp_reference(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj, down_proj,
+                   activation="silu"):
+    return ref.moe_mlp(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj, down_proj,
+                       activation)
+
+
+@moe_mlp.register("cpu", native="moe_mlp", supports=_mlp_supports)
+def _mlp_native(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj, down_proj,
+                activation="silu"):
+    return torch.ops.fastnn.moe_mlp(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj,
+                                    down_proj, activation)

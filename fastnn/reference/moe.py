@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = [
     "SCORE_FUNCS", "GROUP_SCORES", "DROP_POLICIES", "GatingOutput", "topk_gating", "topk_gating_backward",
     "expert_capacity", "permute_tokens", "unpermute_tokens", "unpermute_tokens_backward", "grouped_mm",
-    "grouped_mm_backward", "load_balancing_loss", "router_z_loss", "routing_entropy", "moe_experts",
+    "grouped_mm_backward", "load_balancing_loss", "router_z_loss", "routing_entropy", "moe_mlp",
     "ACTIVATIONS", "gated_activation",
 ]
 
@@ -358,14 +358,16 @@ ACTIVATIONS = {
 }
 
 
-def moe_experts(x: Tensor, gating: GatingOutput, gate_up_proj: Tensor, down_proj: Tensor, top_k: int,
-                activation: str = "silu") -> Tensor:
-    """The routed experts' output [T, H] for tokens ``x`` [T, H], composed from the ops above."""
-    offsets = torch.cumsum(gating.tokens_per_expert, 0)
-    xs = permute_tokens(x, gating.sorted_slots, top_k)
+def moe_mlp(x: Tensor, sorted_slots: Tensor, tokens_per_expert: Tensor, slot_positions: Tensor, weights: Tensor,
+            gate_up_proj: Tensor, down_proj: Tensor, activation: str = "silu") -> Tensor:
+    """The routed experts' output [T, H] for tokens ``x`` [T, H] (the HF experts layout), composed
+    from the ops above: permute, grouped GEMM, gated activation, grouped GEMM, weighted combine."""
+    top_k = slot_positions.shape[1]
+    offsets = torch.cumsum(tokens_per_expert, 0)
+    xs = permute_tokens(x, sorted_slots, top_k)
     h = grouped_mm(xs, gate_up_proj, offsets, trans_b=True)
     y = grouped_mm(gated_activation(h, activation), down_proj, offsets, trans_b=True)
-    return unpermute_tokens(y, gating.slot_positions, gating.weights.to(y.dtype))
+    return unpermute_tokens(y, slot_positions, weights)
 
 
 def load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, score_func: str = "softmax") -> Tensor:

@@ -177,3 +177,14 @@ def test_state_dict_names_match_hugging_face_layout():
                                    "shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
                                    "shared_expert.down_proj.weight", "shared_expert_gate.weight"}
     assert m.experts.gate_up_proj.shape == (4, 8, 8) and m.experts.down_proj.shape == (4, 8, 4)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_inference_matches_loop(config):
+    """Under no_grad the CPU layer takes the fused moe_mlp op; same numbers as the loop."""
+    m = _layer(CONFIGS[config], "cpu", torch.float32)
+    x = torch.randn(3, 50, 12)
+    with torch.no_grad():
+        y = m(x)
+        want = loop_moe(m, x)
+    testing.assert_close(y, want)

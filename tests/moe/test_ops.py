@@ -372,3 +372,32 @@ def test_losses_match_hugging_face():
     testing.assert_close(z, torch.logsumexp(logits, -1).pow(2).mean())
     assert torch.autograd.gradcheck(ops.router_z_loss, (logits,))
     assert torch.autograd.gradcheck(lambda t: ops.load_balancing_loss(t, r.tokens_per_expert, "sigmoid"), (logits,))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("routing", [dict(), dict(capacity_factor=0.5), dict(skew=True)], ids=["plain", "dropped", "skew"])
+@pytest.mark.parametrize("T", [0, 1, 70])
+def test_moe_mlp_matches_reference(backend, device_for, activation, routing, T):
+    """The fused inference op (CPU) against the composed reference: tiles spanning experts, a
+    dropped slot's row, experts without tokens, an empty batch."""
+    E, k, H, I = 4, 2, 6, 5
+    logits = torch.randn(T, E, device=device_for)
+    if routing.get("skew"):
+        logits[:, 1] += 20
+    r = ref.topk_gating(logits, k, capacity_factor=routing.get("capacity_factor", 0.0))
+    x = torch.randn(T, H, device=device_for)
+    w1 = torch.randn(E, 2 * I, H, device=device_for)
+    w2 = torch.randn(E, H, I, device=device_for)
+    args = (x, r.sorted_slots, r.tokens_per_expert, r.slot_positions, r.weights, w1, w2, activation)
+    testing.backend_or_skip(ops.moe.moe_mlp, backend, *args)
+    got = ops.moe.moe_mlp.call(backend, *args)
+    testing.assert_close(got, ref.moe_mlp(*args))
+
+
+def test_moe_mlp_declines_gradients():
+    x = torch.randn(3, 4, requires_grad=True)
+    r = ref.topk_gating(torch.randn(3, 2), 1)
+    args = (x, r.sorted_slots, r.tokens_per_expert, r.slot_positions, r.weights, torch.randn(2, 6, 4),
+            torch.randn(2, 4, 3), "silu")
+    why = ops.moe.moe_mlp.reason("cpu", *args)
+    assert why is not None and ("inference-only" in why or "compiled library" in why)
