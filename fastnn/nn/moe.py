@@ -82,11 +82,12 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, gating: moe_ops.GatingOutput, top_k: int) -> Tensor:
         mlp_args = (x, gating.sorted_slots, gating.tokens_per_expert, gating.slot_positions, gating.weights,
                     self.gate_up_proj, self.down_proj, self.activation)
-        # Inference on the CPU: the fused op (one parallel region over expert tiles) when nothing
-        # forces another backend; training and other devices: the differentiable ops below.
-        if backends.forced("moe_mlp") in (None, "cpu") and x.device.type == "cpu" and \
-                moe_ops.moe_mlp.reason("cpu", *mlp_args) is None:
-            return moe_ops.moe_mlp.call("cpu", *mlp_args)
+        # Inference: the fused op (CPU: one parallel region over expert tiles; GPU: Triton with the
+        # gather and the gated activation fused into the first GEMM) unless a backend that has
+        # none is forced; training: the differentiable ops below.
+        want = backends.forced("moe_mlp") or ("cpu" if x.device.type == "cpu" else "triton")
+        if want in ("cpu", "triton") and moe_ops.moe_mlp.reason(want, *mlp_args) is None:
+            return moe_ops.moe_mlp.call(want, *mlp_args)
         offsets = torch.cumsum(gating.tokens_per_expert, 0)
         xs = ops.permute_tokens(x, gating.sorted_slots, top_k)
         h = ops.grouped_mm(xs, self.gate_up_proj, offsets, trans_b=True)

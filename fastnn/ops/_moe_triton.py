@@ -124,9 +124,14 @@ def _m_bucket(M: int) -> int:
     return _pow2(M)
 
 
+ACT_CODES = {"silu": 1, "gelu": 2, "gelu_tanh": 3, "relu": 4}
+
+
 def _launch_grouped(a: Tensor, b: Tensor, offsets: Tensor, out: Tensor, K_: int, N: int,
-                    stride_bk: int, stride_bn: int) -> None:
-    M = a.shape[0]
+                    stride_bk: int, stride_bn: int, *, gather: Optional[Tensor] = None, top_k: int = 1,
+                    act: int = 0) -> None:
+    """Grouped GEMM into ``out`` [M, N]; M = out's rows (with ``gather``, a's rows are gathered)."""
+    M = out.shape[0]
     E = b.shape[0]
     if M == 0 or N == 0:
         return
@@ -135,8 +140,9 @@ def _launch_grouped(a: Tensor, b: Tensor, offsets: Tensor, out: Tensor, K_: int,
         return (triton.cdiv(M, meta["BLOCK_M"]) + E + 1, triton.cdiv(N, meta["BLOCK_N"]))
 
     wrap_triton(K._grouped_mm_kernel)[grid](
-        a, b, offsets, out, M, N, K_, E, _m_bucket(M), b.stride(0), stride_bk, stride_bn,
-        G_PAD=_pow2(E + 1), IEEE=a.dtype == torch.float32)
+        a, b, offsets, out, gather if gather is not None else offsets, M, N, K_, E, _m_bucket(M), b.stride(0),
+        stride_bk, stride_bn, top_k, G_PAD=_pow2(E + 1), IEEE=a.dtype == torch.float32, GATHER=gather is not None,
+        ACT=act)
 
 
 @triton_op("fastnn::triton_grouped_mm", mutates_args=())
@@ -178,3 +184,23 @@ def triton_grouped_mm_backward(grad: Tensor, a: Tensor, b: Tensor, offsets: Tens
         else:
             gb.zero_()
     return ga, gb
+
+
+@triton_op("fastnn::triton_moe_mlp", mutates_args=())
+def triton_moe_mlp(x: Tensor, sorted_slots: Tensor, tokens_per_expert: Tensor, slot_positions: Tensor,
+                   weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor, activation: str = "silu") -> Tensor:
+    """The experts' inference forward in three launches: gather + gate/up GEMM + gated activation,
+    the down GEMM, and the weighted combine (kept separate: fusing it into the GEMM epilogue needs
+    atomics, which would make the summation order, and so the result, nondeterministic)."""
+    x = x.contiguous()
+    T, H = x.shape
+    k = slot_positions.shape[1]
+    inter = down_proj.shape[2]
+    offsets = torch.cumsum(tokens_per_expert, 0)
+    h = torch.empty((T * k, inter), dtype=x.dtype, device=x.device)
+    # gate_up_proj [E, 2I, H]: element (k, n) of B_e at n * stride(1) + k * stride(2)
+    _launch_grouped(x, gate_up_proj, offsets, h, H, inter, gate_up_proj.stride(2), gate_up_proj.stride(1),
+                    gather=sorted_slots.contiguous(), top_k=k, act=ACT_CODES[activation])
+    y = torch.empty((T * k, H), dtype=x.dtype, device=x.device)
+    _launch_grouped(h, down_proj, offsets, y, inter, H, down_proj.stride(2), down_proj.stride(1))
+    return triton_unpermute_tokens(y, slot_positions, weights)

@@ -328,7 +328,7 @@ permute_tokens = Op("permute_tokens", preference={"cuda": ("triton", "cuda", "re
 unpermute_tokens = Op("unpermute_tokens", preference={"cuda": ("triton", "cuda", "reference")})
 grouped_mm = Op("grouped_mm", preference={"cuda": ("triton", "reference")})
 # The experts' whole inference forward in one op (CPU): see csrc/moe/moe_mlp_cpu.cpp.
-moe_mlp = Op("moe_mlp")
+moe_mlp = Op("moe_mlp", preference={"cuda": ("triton", "reference")})
 
 
 @topk_gating.register("reference")
@@ -487,3 +487,18 @@ def _mlp_native(x, sorted_slots, tokens_per_expert, slot_positions, weights, gat
                 activation="silu"):
     return torch.ops.fastnn.moe_mlp(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj,
                                     down_proj, activation)
+
+
+def _mlp_triton_supports(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj, down_proj,
+                         activation="silu") -> Optional[str]:
+    why = _grouped_triton_supports(x, gate_up_proj, tokens_per_expert)
+    if why is None and torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj)):
+        why = "moe_mlp is inference-only (no backward); with gradients use the composed ops"
+    return why
+
+
+@moe_mlp.register("triton", supports=_mlp_triton_supports)
+def _mlp_triton(x, sorted_slots, tokens_per_expert, slot_positions, weights, gate_up_proj, down_proj,
+                activation="silu"):
+    return torch.ops.fastnn.triton_moe_mlp(x, sorted_slots, tokens_per_expert, slot_positions, weights,
+                                           gate_up_proj, down_proj, activation)

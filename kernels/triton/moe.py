@@ -7,7 +7,8 @@
   dropped slots) scanning the slots in order, so rows within an expert keep slot order.
 * ``_permute_kernel`` / ``_combine_kernel``: row gather, and the weighted combine back to token
   order (float32 accumulation); ``_weighted_rows_kernel`` / ``_row_dot_kernel`` for its backward.
-* ``_grouped_mm_kernel``: a grouped GEMM whose grid is a static upper bound on the number of
+* ``_grouped_mm_kernel``: a grouped GEMM (optionally with the token gather in its prologue and the
+  gated activation in its epilogue, for the experts' first projection) whose grid is a static upper bound on the number of
   (expert, row tile) pairs, ceil(M / BLOCK_M) + E + 1; each program finds its expert from the
   device-side offsets, and programs past the last tile exit. The rows past the last expert form
   one more group written with zeros, so the output needs no memset. The weight layout ([E, K, N]
@@ -233,11 +234,29 @@ def _locate_tile(off_ptr, tile, M, E, BLOCK_M: tl.constexpr, G_PAD: tl.constexpr
     return group, g_start, g_end
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "E"])
 @triton.jit
-def _grouped_mm_kernel(a_ptr, b_ptr, off_ptr, out_ptr, M, N, K, E, M_BUCKET,
-                       stride_be, stride_bk, stride_bn, G_PAD: tl.constexpr,
-                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _activate(x, ACT: tl.constexpr):
+    """The gated activation's nonlinearity: 1 silu, 2 gelu (erf), 3 gelu (tanh), 4 relu."""
+    if ACT == 1:
+        return x / (1.0 + tl.exp(-x))
+    elif ACT == 2:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 3:
+        y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * y)) - 1.0))  # tanh through exp
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "E", "GATHER", "ACT"])
+@triton.jit
+def _grouped_mm_kernel(a_ptr, b_ptr, off_ptr, out_ptr, idx_ptr, M, N, K, E, M_BUCKET,
+                       stride_be, stride_bk, stride_bn, TOP_K, G_PAD: tl.constexpr,
+                       IEEE: tl.constexpr, GATHER: tl.constexpr, ACT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r] = a[r] @ B_e, or with GATHER a[idx[r] // TOP_K] (the token gather fused into the
+    prologue), and with ACT > 0 act(a @ B_e[:, :N]) * (a @ B_e[:, N:2N]) (the gated activation fused
+    into the epilogue: the [gate | up] halves of a Hugging Face gate_up_proj)."""
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     group, r0, r_end = _locate_tile(off_ptr, tile, M, E, BLOCK_M, G_PAD)
@@ -246,19 +265,36 @@ def _grouped_mm_kernel(a_ptr, b_ptr, off_ptr, out_ptr, M, N, K, E, M_BUCKET,
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = rows < r_end
         cm = cols < N
+        if GATHER:
+            src = tl.load(idx_ptr + rows, mask=rm, other=0) // TOP_K
+        else:
+            src = rows
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if group < E:
             b_base = b_ptr + group.to(tl.int64) * stride_be
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 km = ks < K
-                a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-                b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                            mask=km[:, None] & cm[None, :], other=0.0)
+                a = tl.load(a_ptr + src[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                b_ptrs = b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+                bmask = km[:, None] & cm[None, :]
+                b = tl.load(b_ptrs, mask=bmask, other=0.0)
                 if IEEE:
                     acc = tl.dot(a, b, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(a, b, acc)
+                if ACT > 0:
+                    bu = tl.load(b_ptrs + N * stride_bn, mask=bmask, other=0.0)
+                    if IEEE:
+                        acc_up = tl.dot(a, bu, acc_up, input_precision="ieee")
+                    else:
+                        acc_up = tl.dot(a, bu, acc_up)
+        if ACT > 0:
+            # Rounded to the output dtype first, as the unfused path stores h before activating.
+            g = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+            u = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = _activate(g, ACT) * u
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=rm[:, None] & cm[None, :])
 

@@ -180,11 +180,13 @@ def test_state_dict_names_match_hugging_face_layout():
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_inference_matches_loop(config):
-    """Under no_grad the CPU layer takes the fused moe_mlp op; same numbers as the loop."""
-    m = _layer(CONFIGS[config], "cpu", torch.float32)
-    x = torch.randn(3, 50, 12)
-    with torch.no_grad():
+def test_inference_matches_loop(backend, device_for, config):
+    """Under no_grad the layer takes the fused moe_mlp op (CPU, Triton); same numbers as the loop."""
+    m = _layer(CONFIGS[config], device_for, torch.float32)
+    _backend_ok(backend, device_for, torch.float32, m.routing)
+    x = torch.randn(3, 50, 12, device=device_for)
+    with torch.no_grad(), backends.force(backend):
         y = m(x)
+    with torch.no_grad():
         want = loop_moe(m, x)
     testing.assert_close(y, want)
