@@ -241,6 +241,9 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
     def _record(self, logits: Tensor, gating: moe_ops.GatingOutput) -> None:
+        is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+        if is_exporting():  # an exported program has no use for per-call statistics
+            return
         score_func = self.routing["score_func"]
         aux = logits.new_zeros((), dtype=torch.float32)
         if self.aux_loss_coef:
