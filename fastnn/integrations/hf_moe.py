@@ -134,7 +134,7 @@ class HuggingFaceMoE(MoE):
 
 
 def _register(family: str) -> None:
-    name = f"{family}_moe" if not family.endswith("_moe") else family
+    name = f"hf_{family}"  # fastnn.convert(model, only=["hf_mixtral"]) etc.
     cls = type(f"HuggingFace{family.title().replace('_', '')}MoE", (HuggingFaceMoE,),
                {"family": family, "__module__": __name__})
     cls.__qualname__ = cls.__name__

@@ -124,3 +124,14 @@ def test_unsupported_activation_is_a_clear_error():
     block.experts.act_fn = torch.nn.Tanh()
     with pytest.raises(ValueError, match="activation"):
         fastnn.convert(block)
+
+
+def test_convert_only_named_families():
+    from fastnn.convert import names
+
+    assert {"hf_mixtral", "hf_qwen2_moe", "hf_qwen3_moe", "hf_olmoe"} <= set(names())
+    model = torch.nn.ModuleDict({"a": _block("mixtral"), "b": _block("olmoe")})
+    fastnn.convert(model, only=["hf_olmoe"])
+    assert not isinstance(model["a"], fastnn.MoE) and isinstance(model["b"], fastnn.MoE)
+    with pytest.raises(ValueError, match="unknown conversion"):
+        fastnn.convert(model, only=["mixtral"])

@@ -18,6 +18,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <cfloat>
+#include <climits>
 #include <limits>
 
 #include "common.h"
@@ -68,7 +69,7 @@ __global__ void gating_kernel(const scalar_t* __restrict__ logits, const acc_t* 
                               acc_t* __restrict__ weights, int64_t* __restrict__ ids,
                               unsigned long long* __restrict__ counts, int64_t T, int E, int k, int score,
                               bool renorm, int groups, int topk_groups, bool top2, acc_t scale) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // holds double scores too
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Per warp: x[E], scores[E] (acc_t), then flags[E] (0 ineligible, 1 eligible, 2 picked).
   acc_t* x = reinterpret_cast<acc_t*>(smem_raw) + static_cast<int64_t>(warp) * 2 * E;
