@@ -258,7 +258,8 @@ def _grouped_gemm_case(device, **shape) -> Run:
     def error():
         got = ops.grouped_mm(xs, pb.w1, offsets, trans_b=True)
         starts = [0] + offsets.tolist()[:-1]
-        want = torch.cat([xs[s:e].float() @ pb.w1[i].float().t() for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+        bounds = zip(starts, offsets.tolist())
+        want = torch.cat([xs[s:e].float() @ pb.w1[i].float().t() for i, (s, e) in enumerate(bounds)])
         return max_rel_error(got, want)
 
     return Run(baseline=lambda: dense_a @ dense_b.t(), baseline_name="dense GEMM, same FLOPs",

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..convert import Conversion, register
-from ..nn.moe import MoE, Router, SharedExpert
+from ..nn.moe import MoE, Router
 from ..reference.moe import ACTIVATIONS
 
 __all__ = ["HuggingFaceMoE", "FAMILIES"]

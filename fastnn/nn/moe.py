@@ -39,7 +39,8 @@ HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch
 def _activation_name(activation: str) -> str:
     name = HF_ACTIVATIONS.get(activation, activation)
     if name not in ACTIVATIONS:
-        raise ValueError(f"fastnn.MoE: argument 'activation': expected one of {sorted(set(HF_ACTIVATIONS) | set(ACTIVATIONS))}, "
+        known = sorted(set(HF_ACTIVATIONS) | set(ACTIVATIONS))
+        raise ValueError(f"fastnn.MoE: argument 'activation': expected one of {known}, "
                          f"got {activation!r}")
     return name
 

@@ -46,7 +46,8 @@ def triton_topk_gating(logits: Tensor, top_k: int, score_func: str = "softmax", 
         bias = selection_bias.contiguous() if selection_bias is not None else logits
         wrap_triton(K._gating_kernel)[(triton.cdiv(T, block_t),)](
             logits, bias, weights, ids, counts, T, E, float(routed_scaling_factor),
-            K=top_k, K_PAD=_pow2(top_k), E_PAD=E_PAD, BLOCK_T=block_t, SCORE=K.SCORE_CODES[score_func], RENORM=bool(renormalize),
+            K=top_k, K_PAD=_pow2(top_k), E_PAD=E_PAD, BLOCK_T=block_t, SCORE=K.SCORE_CODES[score_func],
+            RENORM=bool(renormalize),
             HAS_BIAS=selection_bias is not None, GROUPS=num_groups, TOPK_GROUPS=topk_groups,
             TOP2_SUM=group_score == "top2_sum")
         wrap_triton(K._layout_kernel)[(E + 1,)](ids, counts, sorted_slots, positions, T * top_k, E,

@@ -8,11 +8,11 @@
 * ``_permute_kernel`` / ``_combine_kernel``: row gather, and the weighted combine back to token
   order (float32 accumulation); ``_weighted_rows_kernel`` / ``_row_dot_kernel`` for its backward.
 * ``_grouped_mm_kernel``: a grouped GEMM (optionally with the token gather in its prologue and the
-  gated activation in its epilogue, for the experts' first projection) whose grid is a static upper bound on the number of
-  (expert, row tile) pairs, ceil(M / BLOCK_M) + E + 1; each program finds its expert from the
-  device-side offsets, and programs past the last tile exit. The rows past the last expert form
-  one more group written with zeros, so the output needs no memset. The weight layout ([E, K, N]
-  or [E, N, K]) is carried by strides. ``_grouped_wgrad_kernel``: dB_e = A_e^T dY_e.
+  gated activation in its epilogue, for the experts' first projection) whose grid is a static
+  upper bound on the number of (expert, row tile) pairs, ceil(M / BLOCK_M) + E + 1; each program
+  finds its expert from the device-side offsets, and programs past the last tile exit. The rows
+  past the last expert form one more group written with zeros, so the output needs no memset.
+  The weight layout ([E, K, N] or [E, N, K]) is carried by strides. ``_grouped_wgrad_kernel``: dB_e = A_e^T dY_e.
 
 These are plain @triton.jit kernels; ``fastnn/ops/_moe_triton.py`` launches them inside
 ``torch.library.triton_op`` (through ``wrap_triton``) so that torch.compile can trace them.
@@ -34,7 +34,8 @@ SCORE_CODES = {"softmax": SOFTMAX, "topk_softmax": TOPK_SOFTMAX, "sigmoid": SIGM
 
 @triton.jit
 def _gating_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_ptr, T, E, scale,
-                   K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SCORE: tl.constexpr,
+                   K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   SCORE: tl.constexpr,
                    RENORM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                    TOP2_SUM: tl.constexpr):
     pid = tl.program_id(0)

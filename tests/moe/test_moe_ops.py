@@ -128,7 +128,7 @@ def test_gating_gradcheck_cpu():
             if ops.topk_gating.reason(backend, logits, 2, **cfg) is not None:
                 continue
             with backends.force(backend):
-                assert torch.autograd.gradcheck(lambda t: ops.topk_gating(t, 2, **cfg).weights, (logits,))
+                assert torch.autograd.gradcheck(lambda t, c=cfg: ops.topk_gating(t, 2, **c).weights, (logits,))
 
 
 def _routing(T, E, k, device, skew=False):
@@ -375,7 +375,8 @@ def test_losses_match_hugging_face():
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
-@pytest.mark.parametrize("routing", [dict(), dict(capacity_factor=0.5), dict(skew=True)], ids=["plain", "dropped", "skew"])
+@pytest.mark.parametrize("routing", [dict(), dict(capacity_factor=0.5), dict(skew=True)],
+                         ids=["plain", "dropped", "skew"])
 @pytest.mark.parametrize("T", [0, 1, 70])
 def test_moe_mlp_matches_reference(backend, device_for, activation, routing, T):
     """The fused inference op (CPU) against the composed reference: tiles spanning experts, a
