@@ -7,6 +7,11 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <vector>
+
 #include "common.h"
 #include "moe/moe.h"
 
@@ -15,7 +20,9 @@ namespace moe {
 
 namespace {
 
-constexpr int64_t kRowsPerTile = 64;
+// Rows per work item: large enough that BLAS's packing of the expert's weight is amortised (64-row
+// tiles measured ~8% slower on the 2-core dev machine), small enough to split a busy expert.
+constexpr int64_t kRowsPerTile = 256;
 
 at::Tensor gated(const at::Tensor& h, int64_t inter, const std::string& act) {
   const at::Tensor gate = h.narrow(1, 0, inter);
@@ -78,9 +85,15 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x_in, const at::Tensor& sorted_slots, c
   // Worker threads do not inherit the caller's thread-local dispatch state: skip autograd there
   // explicitly (this op has no backward; the tensors may still require grad).
   const at::Tensor w1 = gate_up_proj.detach(), w2 = down_proj.detach(), xd = x.detach();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  // Largest items first, handed out dynamically: experts get unequal token counts, and a static
+  // split of a handful of items over the threads leaves one of them idle at the end.
+  std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a[2] > b[2]; });
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = next++; i < n_items; i = next++) {
       const auto [e, r0, n] = items[i];
       const at::Tensor rows = at::index_select(xd, 0, tok.narrow(0, r0, n));
       const at::Tensor h = at::mm(rows, w1.select(0, e).t());
