@@ -74,9 +74,17 @@ def load():
     return module
 
 
+# Answers cached in plain module state: backend choice runs inside torch.compile'd code, where
+# dynamo can read a dict but not trace an import or a dispatcher query. Filled at first use, which
+# happens at import of fastnn.ops (Op.register), before any compilation.
+_CACHE: dict = {}
+
+
 def available() -> bool:
     """Whether the compiled library is loaded."""
-    return load() is not None
+    if "available" not in _CACHE:
+        _CACHE["available"] = load() is not None
+    return _CACHE["available"]
 
 
 def error() -> str | None:
@@ -93,10 +101,20 @@ def built_with_cuda() -> bool:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastnn::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    key = (op, dispatch_key)
+    if key not in _CACHE:
+        _CACHE[key] = _has_kernel(op, dispatch_key)
+    return _CACHE[key]
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
     if load() is None:
         return False
     qualname = f"fastnn::{op}"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):  # noqa: SLF001
+    try:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key):  # noqa: SLF001
+            return False
+    except RuntimeError:  # the op is not registered at all (a library built before it existed)
         return False
     return True
 

@@ -19,7 +19,6 @@ falls back silently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -90,19 +89,26 @@ def force(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
         _FORCED, _FORCED_BY = saved
 
 
-@functools.lru_cache(maxsize=None)
+# Plain module state rather than lru_cache: torch.compile'd code reads it while choosing a backend.
+_TRITON: dict[str, bool] = {}
+
+
 def triton_available() -> bool:
     """Whether Triton imports (it may be absent on CPU-only installs)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # any import failure means "not usable here"
-        return False
-    return True
+    if "available" not in _TRITON:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON["available"] = True
+        except Exception:  # any import failure means "not usable here"
+            _TRITON["available"] = False
+    return _TRITON["available"]
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if "interpreted" not in _TRITON:
+        _TRITON["interpreted"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON["interpreted"]
 
 
 def device_of(*args: Any) -> torch.device:
@@ -176,6 +182,8 @@ class Op:
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = Implementation(backend, fn, supports, native)
+            if native is not None and backend in ("cpu", "cuda"):
+                _extension.has_kernel(native, backend.upper())  # answer cached now, outside any compile
             return fn
 
         return deco

@@ -1,1 +1,2 @@
 """Modules that mirror torch.nn. Each family's module file registers its fastnn.convert pairs."""
+from .moe import MoE  # noqa: F401
