@@ -40,7 +40,9 @@ def _disabled() -> bool:
 @functools.lru_cache(maxsize=None)
 def load():
     """The compiled module, or None (with the reason in :func:`error`)."""
-    global _ERROR
+    global _ERROR, _LOADED
+    if _LOADED is not None:  # a call from an on_load callback, during the first load
+        return _LOADED
     if _disabled():
         _ERROR = "disabled by FASTNN_DISABLE_EXT=1"
         return None
@@ -66,7 +68,6 @@ def load():
     if built != running:
         warnings.warn(f"fastnn: compiled kernels were built against torch {built} but torch {running} "
                       "is running; rebuild if ops misbehave", RuntimeWarning, stacklevel=2)
-    global _LOADED
     _LOADED = module
     for fn in _ON_LOAD:
         fn(module)
@@ -74,12 +75,14 @@ def load():
     return module
 
 
-# Answers cached in plain module state: backend choice runs inside torch.compile'd code, where
-# dynamo can read a dict but not trace an import or a dispatcher query. Filled at first use, which
-# happens at import of fastnn.ops (Op.register), before any compilation.
+# Answers cached in plain module state. Backend choice runs inside torch.compile'd code, where
+# dynamo cannot trace an import or a dispatcher query: these functions are marked
+# assume_constant_result, so dynamo calls them (loading the library on first use) and treats the
+# answer as a constant of the process.
 _CACHE: dict = {}
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the compiled library is loaded."""
     if "available" not in _CACHE:
@@ -99,6 +102,7 @@ def built_with_cuda() -> bool:
     return bool(module is not None and module.built_with_cuda())
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastnn::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     key = (op, dispatch_key)

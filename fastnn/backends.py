@@ -89,10 +89,11 @@ def force(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
         _FORCED, _FORCED_BY = saved
 
 
-# Plain module state rather than lru_cache: torch.compile'd code reads it while choosing a backend.
+# Plain module state rather than lru_cache, and constant for torch.compile (see _extension).
 _TRITON: dict[str, bool] = {}
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether Triton imports (it may be absent on CPU-only installs)."""
     if "available" not in _TRITON:
@@ -182,8 +183,6 @@ class Op:
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = Implementation(backend, fn, supports, native)
-            if native is not None and backend in ("cpu", "cuda"):
-                _extension.has_kernel(native, backend.upper())  # answer cached now, outside any compile
             return fn
 
         return deco

@@ -115,3 +115,18 @@ def test_import_does_not_load_the_library():
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("loaded" if _extension.available() else "not loaded")
+
+
+def test_first_use_inside_a_fullgraph_compile():
+    """The library loads on first use even when that use is inside torch.compile(fullgraph=True)."""
+    out = _run("""
+        import sys, torch, fastnn
+        assert "fastnn._C" not in sys.modules
+        moe = fastnn.MoE(16, 32, num_experts=4, top_k=2)
+        compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+        x = torch.randn(10, 16)
+        torch.testing.assert_close(compiled(x), moe(x))
+        print("ok")
+    """, TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -274,15 +274,20 @@ def _reference_gating_backward(grad_weights, logits, expert_ids, score_func, ren
                                     routed_scaling_factor)
 
 
-def _register_native() -> bool:
-    """Fakes and autograd of the compiled ops; False when the library (or its MoE ops) is absent."""
-    if not _extension.available() or not hasattr(torch.ops.fastnn, "topk_gating"):
-        return False
+_NATIVE = False  # the compiled library is loaded and has the MoE ops (set by _register_native)
+
+
+@_extension.on_load
+def _register_native(_module) -> None:
+    """Fakes and autograd of the compiled ops, once the library is loaded (with its MoE ops)."""
+    global _NATIVE
+    if not hasattr(torch.ops.fastnn, "topk_gating"):
+        return
     for name, fake in _FAKES.items():
         torch.library.register_fake(f"fastnn::{name}", fake)
     # The gating backward is a few elementwise ops and reductions over [T, E]: on CUDA the
     # composed reference is as fast as a kernel would be, so it is the CUDA implementation.
-    if _extension.built_with_cuda():
+    if _module.built_with_cuda():
         torch.library.impl("fastnn::topk_gating_backward", "CUDA")(_reference_gating_backward)
     _register_autograd("")
 
@@ -291,10 +296,9 @@ def _register_native() -> bool:
                            "the composed differentiable ops")
 
     torch.library.register_autograd("fastnn::moe_mlp", no_backward)
-    return True
+    _NATIVE = True
 
 
-_NATIVE = _register_native()
 _TRITON = False
 if triton_available():
     from . import _moe_triton  # noqa: E402,F401  (defines the fastnn::triton_* ops)
