@@ -2,5 +2,6 @@
 the backend (reference / cpu / cuda / triton) for the inputs."""
 
 from .optim import adam_step_, grad_norm_clip_coef, sgd_step_
+from .rnn import gru_cell, gru_seq, lstm_cell, lstm_seq, rnn_seq
 
-__all__ = ["adam_step_", "sgd_step_", "grad_norm_clip_coef"]
+__all__ = ["adam_step_", "sgd_step_", "grad_norm_clip_coef", "lstm_seq", "gru_seq", "rnn_seq", "lstm_cell", "gru_cell"]
