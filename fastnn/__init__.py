@@ -8,7 +8,9 @@ quantized edge inference. Ops live in ``fastnn.ops`` (each choosing its backend 
 from . import backends, ops, optim
 from ._extension import info as build_info
 from .convert import convert, revert
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "__version__"]
+__all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "__version__",
+           "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]

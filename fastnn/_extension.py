@@ -74,23 +74,33 @@ def load():
     return module
 
 
+# The queries below are constant for a process. They are marked so for torch.compile, which then
+# calls them instead of tracing them (tracing would reach importlib and torch._C and break the
+# graph), so that backend choice (fastnn.backends) works inside torch.compile(fullgraph=True).
+_constant = torch.compiler.assume_constant_result
+
+
+@_constant
 def available() -> bool:
     """Whether the compiled library is loaded."""
     return load() is not None
 
 
+@_constant
 def error() -> str | None:
     """Why the compiled library is not loaded (None when it is)."""
     load()
     return _ERROR
 
 
+@_constant
 def built_with_cuda() -> bool:
     """Whether the loaded library contains CUDA kernels (independent of a GPU being present)."""
     module = load()
     return bool(module is not None and module.built_with_cuda())
 
 
+@_constant
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastnn::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     if load() is None:

@@ -90,6 +90,7 @@ def force(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
         _FORCED, _FORCED_BY = saved
 
 
+@torch.compiler.assume_constant_result  # see fastnn/_extension.py
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether Triton imports (it may be absent on CPU-only installs)."""
