@@ -123,7 +123,9 @@ class _RecurrentBase(nn.RNNBase):
             is_batched = True
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+                # torch's words, which differ between its classes
+                tensor = " tensor" if self._kind == "rnn" else ""
+                raise ValueError(f"{self._kind.upper()}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead")
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             if not is_batched:
