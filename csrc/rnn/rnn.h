@@ -14,6 +14,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
 #include <array>
 #include <string>
@@ -25,9 +26,9 @@ namespace rnn {
 
 enum class Cell : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 
-inline int64_t num_gates(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
+C10_HOST_DEVICE inline int64_t num_gates(Cell c) { return c == Cell::LSTM ? 4 : (c == Cell::GRU ? 3 : 1); }
 // Columns of the workspace per batch row: LSTM i,f,g,o,c; GRU r,z,n,hn; RNN nothing.
-inline int64_t ws_width(Cell c, int64_t H) {
+C10_HOST_DEVICE inline int64_t ws_width(Cell c, int64_t H) {
   return c == Cell::LSTM ? 5 * H : (c == Cell::GRU ? 4 * H : 0);
 }
 const char* cell_name(Cell c);
@@ -70,6 +71,7 @@ struct FwdStep {
   const T* gh;        // [B, G] recurrent product (no bias)
   const T* b_hn;      // GRU: [H] or null
   T* h;               // [B, P] state (written unless `hpre`)
+  const T* h_prev;    // [B, P] state before the step when it is not `h` (double buffering), or null
   T* c;               // [B, H] LSTM cell state
   T* out;             // [B, P] this step's output row (written unless `hpre`)
   T* ws;              // [B, WS]
@@ -97,6 +99,26 @@ struct BwdStep {
   const int64_t* lengths;
   int64_t t;
 };
+
+// The CPU's whole-sequence forward (float, no projection): per step one parallel region over
+// blocks of hidden units; each block computes its own gates' recurrent products from a packed
+// copy of W_hh (so a thread streams the same slice every step, and that slice serves every batch
+// row from L1) and then their pointwise step. No separate GEMM call, no second pass over gh.
+struct PackedForward {
+  Cell cell;
+  int64_t T, B, H;
+  bool reverse;
+  const float* gi;       // [T, B, G] input projection + folded biases
+  const float* w_hh;     // [G, H]
+  const float* b_hn;     // GRU [H] or null
+  const float* h_mask;   // [B, H] or null
+  const int64_t* lengths;
+  float* h;              // [B, H]: in h0, out h_n
+  float* c;              // [B, H] LSTM: in c0, out c_n
+  float* out;            // [T, B, H]
+  float* ws;             // [T, B, WS]
+};
+void packed_forward_cpu(const PackedForward& f);
 
 template <typename T>
 void step_forward_cpu(const FwdStep<T>& s);

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "rnn/cell_math.h"
 #include "rnn/rnn.h"
@@ -85,7 +86,8 @@ inline void forward_cols(const FwdStep<T>& s, int64_t b, int64_t j) {
     W hn = IO::load(gh + 2 * H + j);
     if (s.b_hn) hn = hn + IO::load(s.b_hn + j);
     W r, z, n;
-    gru_forward<W, Ops>(pre(0), pre(1), IO::load(gi + 2 * H + j), hn, IO::load(s.h + b * s.P + j), r, z,
+    const T* h_prev = s.h_prev ? s.h_prev : s.h;
+    gru_forward<W, Ops>(pre(0), pre(1), IO::load(gi + 2 * H + j), hn, IO::load(h_prev + b * s.P + j), r, z,
                         n, h_new);
     IO::store(ws + j, r);
     IO::store(ws + H + j, z);
@@ -98,22 +100,25 @@ inline void forward_cols(const FwdStep<T>& s, int64_t b, int64_t j) {
   IO::store(s.out + b * s.P + j, h_new);
 }
 
+// Hidden units [j0, j1) of batch row b.
 template <typename T>
-void forward_row(const FwdStep<T>& s, int64_t b) {
+void forward_block(const FwdStep<T>& s, int64_t b, int64_t j0, int64_t j1) {
   const int64_t H = s.H;
   if (!row_active(s.lengths, b, s.t)) {
+    // Padding: the state stays, output and workspace are zero.
     const int64_t WS = ws_width(s.cell, H);
-    std::fill_n(s.ws + b * WS, WS, T(0));
+    for (int64_t k = 0; k < WS; k += H) std::fill(s.ws + b * WS + k + j0, s.ws + b * WS + k + j1, T(0));
     if (s.hpre) {
-      std::fill_n(s.hpre + b * H, H, T(0));
+      std::fill(s.hpre + b * H + j0, s.hpre + b * H + j1, T(0));
     } else {
-      std::fill_n(s.out + b * s.P, s.P, T(0));
+      std::fill(s.out + b * s.P + j0, s.out + b * s.P + j1, T(0));
     }
+    if (s.h_prev) std::copy(s.h_prev + b * s.P + j0, s.h_prev + b * s.P + j1, s.h + b * s.P + j0);
     return;
   }
-  int64_t j = 0;
-  for (; j + VecIO<T>::kWidth <= H; j += VecIO<T>::kWidth) forward_cols<T, VecIO<T>>(s, b, j);
-  for (; j < H; ++j) forward_cols<T, ScalarIO<T>>(s, b, j);
+  int64_t j = j0;
+  for (; j + VecIO<T>::kWidth <= j1; j += VecIO<T>::kWidth) forward_cols<T, VecIO<T>>(s, b, j);
+  for (; j < j1; ++j) forward_cols<T, ScalarIO<T>>(s, b, j);
 }
 
 template <typename T, typename IO>
@@ -174,7 +179,7 @@ void backward_row(const BwdStep<T>& s, int64_t b) {
 template <typename T>
 void step_forward_cpu(const FwdStep<T>& s) {
   at::parallel_for(0, s.B, grain_rows(s.H), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) forward_row<T>(s, b);
+    for (int64_t b = begin; b < end; ++b) forward_block<T>(s, b, 0, s.H);
   });
 }
 
@@ -183,6 +188,115 @@ void step_backward_cpu(const BwdStep<T>& s) {
   at::parallel_for(0, s.B, grain_rows(s.H), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) backward_row<T>(s, b);
   });
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Packed whole-sequence forward (see rnn.h, PackedForward).
+
+namespace {
+
+constexpr int64_t kBlock = 8;  // hidden units per block: one AVX2 vector of floats
+
+// W_hh [G, K] -> per block of 8 hidden units, for each k, the NG gates' 8 weights side by side:
+// [nb][K][NG][8], zero-padded past H. A block's slice (K*NG*8 floats) is contiguous.
+std::vector<float> pack_weights(const float* w, int64_t NG, int64_t H, int64_t K) {
+  const int64_t nb = (H + kBlock - 1) / kBlock;
+  std::vector<float> p((size_t)(nb * K * NG * kBlock), 0.f);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t jb = b0; jb < b1; ++jb) {
+      float* dst = p.data() + jb * K * NG * kBlock;
+      for (int64_t g = 0; g < NG; ++g) {
+        for (int64_t l = 0; l < kBlock && jb * kBlock + l < H; ++l) {
+          const float* row = w + (g * H + jb * kBlock + l) * K;
+          for (int64_t k = 0; k < K; ++k) dst[(k * NG + g) * kBlock + l] = row[k];
+        }
+      }
+    }
+  });
+  return p;
+}
+
+// gh[b, g*H + j0 .. j0+8] for R batch rows starting at b: the recurrent products of one block.
+template <int NG, int R>
+inline void block_products(const float* wp, const float* hin, int64_t K, int64_t b, int64_t H, int64_t j0,
+                           int64_t width, float* gh) {
+  using V = Vectorized<float>;
+  V acc[R][NG];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < NG; ++g) acc[r][g] = V(0.f);
+  const float* h0 = hin + b * K;
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NG];
+    for (int g = 0; g < NG; ++g) w[g] = V::loadu(wp + (k * NG + g) * kBlock);
+    for (int r = 0; r < R; ++r) {
+      const V hv(h0[r * K + k]);
+      for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(w[g], hv, acc[r][g]);
+    }
+  }
+  const int64_t G = NG * H;
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < NG; ++g) {
+      float* dst = gh + (b + r) * G + g * H + j0;
+      if (width == kBlock) {
+        acc[r][g].store(dst);
+      } else {
+        acc[r][g].store(dst, (int)width);
+      }
+    }
+  }
+}
+
+template <int NG>
+void packed_forward(const PackedForward& f) {
+  static_assert(Vectorized<float>::size() == kBlock, "a block is one vector of floats");
+  const int64_t T = f.T, B = f.B, H = f.H, G = NG * H, WS = ws_width(f.cell, H);
+  const int64_t nb = (H + kBlock - 1) / kBlock;
+  const std::vector<float> wp = pack_weights(f.w_hh, NG, H, H);
+  std::vector<float> gh((size_t)(B * G));
+  std::vector<float> hbuf((size_t)(2 * B * H));
+  std::vector<float> hm(f.h_mask ? (size_t)(B * H) : 0);
+  std::copy(f.h, f.h + B * H, hbuf.begin());
+  // One task per thread, each a fixed range of blocks (the same range every step, so a thread's
+  // weights stay in its core's caches); small problems run on one thread.
+  const int64_t macs = B * G * H;
+  const int64_t threads = macs < 32768 ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = (nb + threads - 1) / threads;
+  int cur = 0;
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = f.reverse ? T - 1 - step : step;
+    const float* h_prev = hbuf.data() + cur * B * H;
+    float* h_new = hbuf.data() + (1 - cur) * B * H;
+    const float* hin = h_prev;
+    if (f.h_mask) {
+      for (int64_t i = 0; i < B * H; ++i) hm[i] = h_prev[i] * f.h_mask[i];
+      hin = hm.data();
+    }
+    FwdStep<float> s{f.cell, B, H, H, f.gi + t * B * G, gh.data(), f.b_hn, h_new, h_prev, f.c,
+                     f.out + t * B * H, f.ws + t * B * WS, nullptr, f.lengths, t};
+    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t jb = b0; jb < b1; ++jb) {
+        const float* w = wp.data() + jb * H * NG * kBlock;
+        const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
+        int64_t b = 0;
+        for (; b + 2 <= B; b += 2) block_products<NG, 2>(w, hin, H, b, H, j0, width, gh.data());
+        if (b < B) block_products<NG, 1>(w, hin, H, b, H, j0, width, gh.data());
+        for (b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
+      }
+    });
+    cur = 1 - cur;
+  }
+  std::copy(hbuf.begin() + cur * B * H, hbuf.begin() + (cur + 1) * B * H, f.h);
+}
+
+}  // namespace
+
+void packed_forward_cpu(const PackedForward& f) {
+  switch (f.cell) {
+    case Cell::LSTM: return packed_forward<4>(f);
+    case Cell::GRU: return packed_forward<3>(f);
+    default: return packed_forward<1>(f);
+  }
 }
 
 template void step_forward_cpu<float>(const FwdStep<float>&);

@@ -5,6 +5,8 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <type_traits>
+
 #include "common.h"
 
 namespace fastnn {
@@ -142,8 +144,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
     at::Tensor hpre = proj ? at::zeros({d.B, d.H}, opts) : at::Tensor();
     at::Tensor hp = proj ? at::empty({d.B, d.P}, opts) : at::Tensor();
 
+    if (!cuda && !proj && std::is_same<T, float>::value) {
+      PackedForward f{in.cell, d.T, d.B, d.H, in.reverse, (const float*)gi.data_ptr<T>(),
+                      (const float*)w_hh.data_ptr<T>(),
+                      b_hn.defined() ? (const float*)b_hn.data_ptr<T>() : nullptr,
+                      mask.defined() ? (const float*)mask.data_ptr<T>() : nullptr,
+                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, (float*)h.data_ptr<T>(),
+                      c.defined() ? (float*)c.data_ptr<T>() : nullptr, (float*)out.data_ptr<T>(),
+                      (float*)ws.data_ptr<T>()};
+      packed_forward_cpu(f);
+      const auto dtype = in.input.scalar_type();
+      return {out.to(dtype), h.to(dtype), c.defined() ? c.to(dtype) : at::Tensor(), ws};
+    }
     FwdStep<T> s{in.cell, d.B, d.H, d.P, nullptr, gh.data_ptr<T>(),
-                 b_hn.defined() ? b_hn.data_ptr<T>() : nullptr, h.data_ptr<T>(),
+                 b_hn.defined() ? b_hn.data_ptr<T>() : nullptr, h.data_ptr<T>(), nullptr,
                  c.defined() ? c.data_ptr<T>() : nullptr, nullptr, nullptr,
                  proj ? hpre.data_ptr<T>() : nullptr,
                  lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, 0};

@@ -279,3 +279,139 @@ def _gru_cell_reference(input, hx, w_ih, w_hh, b_ih, b_hh):
 @gru_cell.register("cuda", native="gru_cell", supports=_NATIVE)
 def _gru_cell_native(*args):
     return torch.ops.fastnn.gru_cell(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton cells: fastnn::triton_lstm_cell / triton_gru_cell (torch.library.triton_op, so that
+# torch.compile sees the kernels) with the signatures and workspace of the compiled cells, and
+# backward ops of the same convention: a Triton pointwise kernel, then torch GEMMs in fp32.
+
+_BLOCK_B, _BLOCK_H, _BLOCK_K, _BLOCK = 16, 32, 32, 1024
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: no TF32, to match the reference
+
+
+def _grid(B: int, H: int):
+    import triton
+    return (triton.cdiv(B, _BLOCK_B), triton.cdiv(H, _BLOCK_H))
+
+
+def _empty_grads(inputs, need):
+    ref_t = inputs[0]
+    return [ref_t.new_empty(ref.EMPTY_GRAD) for _ in need]
+
+
+def _finish_grads(pairs, inputs, need):
+    """pairs: gradient (fp32) per input slot or None; cast to each input's dtype, empty if unwanted."""
+    out = []
+    for g, x, n in zip(pairs, inputs, need):
+        if n and x is not None and g is not None:
+            out.append(g.to(x.dtype).reshape(x.shape))
+        else:
+            out.append(inputs[0].new_empty(ref.EMPTY_GRAD))
+    return tuple(out)
+
+
+def _register_triton() -> None:
+    from ..backends import triton_available
+    if not triton_available() or not hasattr(torch.library, "triton_op"):
+        return
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import rnn as tk
+
+    @triton_op("fastnn::triton_lstm_cell", mutates_args=())
+    def triton_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                         b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        B, I = input.shape
+        H = w_hh.shape[1]
+        hy, cy = torch.empty_like(hx), torch.empty_like(cx)
+        ws = input.new_empty((B, 5 * H), dtype=torch.float32)
+        if B > 0:
+            x, h, c = input.contiguous(), hx.contiguous(), cx.contiguous()
+            has_bias = b_ih is not None
+            wrap_triton(tk.lstm_cell_fwd)[_grid(B, H)](
+                x, h, c, w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else x, b_hh if has_bias else x,
+                hy, cy, ws, B, I, H, HAS_BIAS=has_bias, PRECISION=_precision(input.dtype), BLOCK_B=_BLOCK_B,
+                BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K)
+        return hy, cy, ws
+
+    @triton_op("fastnn::triton_gru_cell", mutates_args=())
+    def triton_gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                        b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        B, I = input.shape
+        H = w_hh.shape[1]
+        hy = torch.empty_like(hx)
+        ws = input.new_empty((B, 4 * H), dtype=torch.float32)
+        if B > 0:
+            x, h = input.contiguous(), hx.contiguous()
+            has_bias = b_ih is not None
+            wrap_triton(tk.gru_cell_fwd)[_grid(B, H)](
+                x, h, w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else x, b_hh if has_bias else x,
+                hy, ws, B, I, H, HAS_BIAS=has_bias, PRECISION=_precision(input.dtype), BLOCK_B=_BLOCK_B,
+                BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K)
+        return hy, ws
+
+    @triton_op("fastnn::triton_lstm_cell_backward", mutates_args=())
+    def triton_lstm_cell_backward(grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], input: Tensor, hx: Tensor,
+                                  cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                                  b_hh: Optional[Tensor], hy: Tensor, workspace: Tensor,
+                                  output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, H = cx.shape
+        dhy = grad_hy.contiguous() if grad_hy is not None else torch.zeros_like(hx)
+        dcy = grad_cy.contiguous() if grad_cy is not None else torch.zeros_like(cx)
+        dg = input.new_empty((B, 4 * H), dtype=torch.float32)
+        dcx = input.new_empty((B, H), dtype=torch.float32)
+        if B > 0:
+            import triton
+            wrap_triton(tk.lstm_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
+                workspace.contiguous(), cx.contiguous(), dhy, dcy, dg, dcx, B * H, H, BLOCK=_BLOCK)
+        db = dg.sum(0)
+        grads = [dg @ w_ih.float(), dg @ w_hh.float(), dcx, dg.t() @ input.float(), dg.t() @ hx.float(), db, db.clone()]
+        return _finish_grads(grads, [input, hx, cx, w_ih, w_hh, b_ih, b_hh], output_mask)
+
+    @triton_op("fastnn::triton_gru_cell_backward", mutates_args=())
+    def triton_gru_cell_backward(grad_hy: Optional[Tensor], input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                                 b_ih: Optional[Tensor], b_hh: Optional[Tensor], hy: Tensor, workspace: Tensor,
+                                 output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, H = hx.shape
+        dhy = grad_hy.contiguous() if grad_hy is not None else torch.zeros_like(hx)
+        dgi = input.new_empty((B, 3 * H), dtype=torch.float32)
+        dgh = input.new_empty((B, 3 * H), dtype=torch.float32)
+        direct = input.new_empty((B, H), dtype=torch.float32)
+        if B > 0:
+            import triton
+            wrap_triton(tk.gru_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
+                workspace.contiguous(), hx.contiguous(), dhy, dgi, dgh, direct, B * H, H, BLOCK=_BLOCK)
+        grads = [dgi @ w_ih.float(), dgh @ w_hh.float() + direct, dgi.t() @ input.float(), dgh.t() @ hx.float(),
+                 dgi.sum(0), dgh.sum(0)]
+        return _finish_grads(grads, [input, hx, w_ih, w_hh, b_ih, b_hh], output_mask)
+
+    for fwd, bwd, spec in ((triton_lstm_cell, triton_lstm_cell_backward, SPECS["lstm_cell"]),
+                           (triton_gru_cell, triton_gru_cell_backward, SPECS["gru_cell"])):
+        bw, setup = _autograd(spec, bwd)
+        fwd.register_autograd(bw, setup_context=setup)
+        # Explicit fake kernels: tracing the launchers with fake tensors needs a GPU (under the
+        # Triton interpreter the launch touches real storage).
+        fwd.register_fake(_fake_forward(spec))
+        bwd.register_fake(_fake_backward(spec))
+
+    def _triton_dtypes(input, *args, **kwargs):
+        if input.dtype not in TRITON_DTYPES:
+            return f"argument 'input' is {input.dtype}; the Triton kernel covers float32, bfloat16, float16"
+        return None
+
+    @lstm_cell.register("triton", supports=_triton_dtypes)
+    def _lstm_cell_triton(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        _validate_cell("lstm", "lstm_cell", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        return torch.ops.fastnn.triton_lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+    @gru_cell.register("triton", supports=_triton_dtypes)
+    def _gru_cell_triton(input, hx, w_ih, w_hh, b_ih, b_hh):
+        _validate_cell("gru", "gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
+        return torch.ops.fastnn.triton_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+_register_triton()

@@ -259,3 +259,18 @@ def test_inputs_are_not_modified():
     args0 = make_args("lstm", 0, 3, 4, 6, dtype=torch.float32)
     out = ops.lstm_seq.call("cpu", *args0)
     assert out[1].data_ptr() != args0[1].data_ptr() and torch.equal(out[1], args0[1])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_triton_cell_opcheck(kind):
+    a = make_args(kind, 1, 3, 5, 6, dtype=torch.float32, requires_grad=True)
+    args = [a[0][0], a[1], a[2], a[3], a[4], a[5]] + ([a[6]] if kind == "lstm" else [])
+    op = ops.lstm_cell if kind == "lstm" else ops.gru_cell
+    testing.backend_or_skip(op, "triton", *args)
+    testing.opcheck(getattr(torch.ops.fastnn, f"triton_{kind}_cell"), tuple(args))
+    fwd = getattr(ref, f"{kind}_cell")(*[t.detach() if t is not None else None for t in args])
+    bargs = [torch.randn_like(o) for o in fwd[:-1]] + [t.detach() for t in args] + [fwd[0], fwd[-1], [True] * len(args)]
+    got = getattr(torch.ops.fastnn, f"triton_{kind}_cell_backward")(*bargs)
+    want = getattr(ref, f"{kind}_cell_backward")(*bargs)
+    for g_, w_ in zip(got, want):
+        testing.assert_close(g_, w_)
