@@ -34,6 +34,17 @@ struct VecOps {
   static V relu_grad(V h, V dh) { return V::blendv(V(0), dh, h > V(0)); }
 };
 
+// float: Sleef's 1-ULP exp and tanh cost more than the recurrent GEMM at batch 32; exp_u20 (a few
+// ULP) and tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7, far inside fp32 GEMM noise) do not.
+template <>
+struct VecOps<Vectorized<float>> {
+  using V = Vectorized<float>;
+  static V sigmoid(V x) { return (V(1) + x.neg().exp_u20()).reciprocal(); }
+  static V tanh(V x) { return V(2) * sigmoid(x + x) - V(1); }
+  static V relu(V x) { return at::vec::clamp_min(x, V(0)); }
+  static V relu_grad(V h, V dh) { return V::blendv(V(0), dh, h > V(0)); }
+};
+
 // Columns j .. j+width-1 of a row as one value (a vector, or a scalar for the tail).
 template <typename T>
 struct ScalarIO {
@@ -199,17 +210,27 @@ namespace {
 constexpr int64_t kBlock = 8;  // hidden units per block: one AVX2 vector of floats
 
 // W_hh [G, K] -> per block of 8 hidden units, for each k, the NG gates' 8 weights side by side:
-// [nb][K][NG][8], zero-padded past H. A block's slice (K*NG*8 floats) is contiguous.
-std::vector<float> pack_weights(const float* w, int64_t NG, int64_t H, int64_t K) {
+// [nb][K][NG][8], zero-padded past H. A block's slice (K*NG*8 floats) is contiguous. The buffer is
+// the calling thread's and is reused across calls: a fresh 1 MB allocation per call costs more in
+// page faults than the packing itself. (Packed weights are not cached across calls: a cache keyed
+// on the tensor cannot see writes through `.data`, and would silently go stale.)
+const float* pack_weights(const float* w, int64_t NG, int64_t H, int64_t K) {
+  static thread_local std::vector<float> buffer;
   const int64_t nb = (H + kBlock - 1) / kBlock;
-  std::vector<float> p((size_t)(nb * K * NG * kBlock), 0.f);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  const size_t n = (size_t)(nb * K * NG * kBlock);
+  if (buffer.size() < n) buffer.resize(n);
+  float* p = buffer.data();
+  at::parallel_for(0, nb, std::max<int64_t>(1, nb / 8), [&](int64_t b0, int64_t b1) {
     for (int64_t jb = b0; jb < b1; ++jb) {
-      float* dst = p.data() + jb * K * NG * kBlock;
+      float* dst = p + jb * K * NG * kBlock;
+      const int64_t width = std::min(kBlock, H - jb * kBlock);
       for (int64_t g = 0; g < NG; ++g) {
-        for (int64_t l = 0; l < kBlock && jb * kBlock + l < H; ++l) {
-          const float* row = w + (g * H + jb * kBlock + l) * K;
-          for (int64_t k = 0; k < K; ++k) dst[(k * NG + g) * kBlock + l] = row[k];
+        const float* rows = w + (g * H + jb * kBlock) * K;
+        // contiguous reads of 8 rows at once, writes 8 apart within the block's slice
+        for (int64_t k = 0; k < K; ++k) {
+          float* d = dst + (k * NG + g) * kBlock;
+          for (int64_t l = 0; l < width; ++l) d[l] = rows[l * K + k];
+          for (int64_t l = width; l < kBlock; ++l) d[l] = 0.f;
         }
       }
     }
@@ -217,16 +238,22 @@ std::vector<float> pack_weights(const float* w, int64_t NG, int64_t H, int64_t K
   return p;
 }
 
-// gh[b, g*H + j0 .. j0+8] for R batch rows starting at b: the recurrent products of one block.
+// gh[b, g*H + j0 .. j0+8] (+)= the recurrent products of one block over features [k0, k1), for R
+// batch rows starting at b. `wp` is the block's packed slice; `hin` the [B, K] input rows.
 template <int NG, int R>
-inline void block_products(const float* wp, const float* hin, int64_t K, int64_t b, int64_t H, int64_t j0,
-                           int64_t width, float* gh) {
+inline void block_products(const float* wp, const float* hin, int64_t K, int64_t k0, int64_t k1, int64_t b,
+                           int64_t H, int64_t j0, int64_t width, float* gh, bool accumulate) {
   using V = Vectorized<float>;
+  const int64_t G = NG * H;
   V acc[R][NG];
-  for (int r = 0; r < R; ++r)
-    for (int g = 0; g < NG; ++g) acc[r][g] = V(0.f);
+  for (int r = 0; r < R; ++r) {
+    for (int g = 0; g < NG; ++g) {
+      const float* src = gh + (b + r) * G + g * H + j0;
+      acc[r][g] = !accumulate ? V(0.f) : (width == kBlock ? V::loadu(src) : V::loadu(src, (int)width));
+    }
+  }
   const float* h0 = hin + b * K;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     V w[NG];
     for (int g = 0; g < NG; ++g) w[g] = V::loadu(wp + (k * NG + g) * kBlock);
     for (int r = 0; r < R; ++r) {
@@ -234,7 +261,6 @@ inline void block_products(const float* wp, const float* hin, int64_t K, int64_t
       for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(w[g], hv, acc[r][g]);
     }
   }
-  const int64_t G = NG * H;
   for (int r = 0; r < R; ++r) {
     for (int g = 0; g < NG; ++g) {
       float* dst = gh + (b + r) * G + g * H + j0;
@@ -247,12 +273,16 @@ inline void block_products(const float* wp, const float* hin, int64_t K, int64_t
   }
 }
 
+// Features per pass over the batch: a block's weights for them (kChunkK * NG * 8 floats, 8 KB for
+// an LSTM) stay in L1 while every batch row uses them.
+constexpr int64_t kChunkK = 64;
+
 template <int NG>
 void packed_forward(const PackedForward& f) {
   static_assert(Vectorized<float>::size() == kBlock, "a block is one vector of floats");
   const int64_t T = f.T, B = f.B, H = f.H, G = NG * H, WS = ws_width(f.cell, H);
   const int64_t nb = (H + kBlock - 1) / kBlock;
-  const std::vector<float> wp = pack_weights(f.w_hh, NG, H, H);
+  const float* wp = pack_weights(f.w_hh, NG, H, H);
   std::vector<float> gh((size_t)(B * G));
   std::vector<float> hbuf((size_t)(2 * B * H));
   std::vector<float> hm(f.h_mask ? (size_t)(B * H) : 0);
@@ -276,12 +306,18 @@ void packed_forward(const PackedForward& f) {
                      f.out + t * B * H, f.ws + t * B * WS, nullptr, f.lengths, t};
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
       for (int64_t jb = b0; jb < b1; ++jb) {
-        const float* w = wp.data() + jb * H * NG * kBlock;
+        const float* w = wp + jb * H * NG * kBlock;
         const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
-        int64_t b = 0;
-        for (; b + 2 <= B; b += 2) block_products<NG, 2>(w, hin, H, b, H, j0, width, gh.data());
-        if (b < B) block_products<NG, 1>(w, hin, H, b, H, j0, width, gh.data());
-        for (b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
+        for (int64_t k0 = 0; k0 < H; k0 += kChunkK) {
+          const int64_t k1 = std::min(H, k0 + kChunkK);
+          // 3 rows x NG gates of accumulators: enough independent FMA chains to hide their
+          // latency, few enough to stay in the 16 vector registers
+          int64_t b = 0;
+          for (; b + 3 <= B; b += 3) block_products<NG, 3>(w, hin, H, k0, k1, b, H, j0, width, gh.data(), k0 > 0);
+          if (B - b == 2) block_products<NG, 2>(w, hin, H, k0, k1, b, H, j0, width, gh.data(), k0 > 0);
+          if (B - b == 1) block_products<NG, 1>(w, hin, H, k0, k1, b, H, j0, width, gh.data(), k0 > 0);
+        }
+        for (int64_t b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
       }
     });
     cur = 1 - cur;
