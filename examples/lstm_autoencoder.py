@@ -86,10 +86,10 @@ def errors(model, x):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--quick", action="store_true", help="10 epochs (smoke test)")
+    p.add_argument("--quick", action="store_true", help="6 epochs (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
-        args.epochs = 10
+        args.epochs = 6
     from sklearn.metrics import f1_score, precision_score, recall_score
 
     torch.manual_seed(0)

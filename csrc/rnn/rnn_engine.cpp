@@ -237,8 +237,9 @@ std::array<at::Tensor, 8> backward_impl(const SeqInputs& in, const at::Tensor& g
     dc = grad_c_n.defined() ? grad_c_n.to(opts.dtype(), false, true).contiguous()
                             : at::zeros({d.B, d.H}, opts);
   }
-  at::Tensor dgi = at::zeros({d.T, d.B, d.G}, opts);
-  at::Tensor dgh = gru ? at::zeros({d.T, d.B, d.G}, opts) : dgi;
+  // every row of every step is written by the step kernel (zeros for padding)
+  at::Tensor dgi = at::empty({d.T, d.B, d.G}, opts);
+  at::Tensor dgh = gru ? at::empty({d.T, d.B, d.G}, opts) : dgi;
 
   at::Tensor h_prev, c_prev, dhp_all, out_m;
   if (d.T > 0 && d.B > 0) {
