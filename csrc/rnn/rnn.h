@@ -126,6 +126,12 @@ template <typename T>
 void step_backward_cpu(const BwdStep<T>& s);
 
 #ifdef FASTNN_WITH_CUDA
+// The whole forward in one cooperative launch (float, no projection, no mask); false when the
+// sequence does not fit (then the caller runs it step by step). `s` describes step 0 (gi, out and
+// ws at the buffers' starts); hbuf is [2, B, H] with h0 in its first half; barrier: two zeroed
+// uint32 on the device. The final state lands in hbuf's half (T % 2).
+bool persistent_forward_cuda(const FwdStep<float>& s, const float* w_hh, float* hbuf, int64_t T, bool reverse,
+                             unsigned* barrier);
 template <typename T>
 void step_forward_cuda(const FwdStep<T>& s);
 template <typename T>

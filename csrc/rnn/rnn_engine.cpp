@@ -156,6 +156,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
       const auto dtype = in.input.scalar_type();
       return {out.to(dtype), h.to(dtype), c.defined() ? c.to(dtype) : at::Tensor(), ws};
     }
+#ifdef FASTNN_WITH_CUDA
+    if (cuda && !proj && !mask.defined() && std::is_same<T, float>::value) {
+      // hbuf [2, B, H]: h0 then the double buffer; the final state is in half T % 2
+      at::Tensor hbuf = at::empty({2, d.B, d.H}, opts);
+      hbuf.select(0, 0).copy_(h);
+      at::Tensor barrier = at::zeros({2}, opts.dtype(at::kInt));
+      FwdStep<float> s{in.cell, d.B, d.H, d.P, (const float*)gi.data_ptr<T>(), nullptr,
+                       b_hn.defined() ? (const float*)b_hn.data_ptr<T>() : nullptr, nullptr, nullptr,
+                       c.defined() ? (float*)c.data_ptr<T>() : nullptr, (float*)out.data_ptr<T>(),
+                       (float*)ws.data_ptr<T>(), nullptr,
+                       lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, 0};
+      if (persistent_forward_cuda(s, (const float*)w_hh.data_ptr<T>(), (float*)hbuf.data_ptr<T>(), d.T,
+                                  in.reverse, (unsigned*)barrier.data_ptr<int>())) {
+        h.copy_(hbuf.select(0, d.T % 2));
+        const auto dtype = in.input.scalar_type();
+        return {out.to(dtype), h.to(dtype), c.defined() ? c.to(dtype) : at::Tensor(), ws};
+      }
+    }
+#endif
     FwdStep<T> s{in.cell, d.B, d.H, d.P, nullptr, gh.data_ptr<T>(),
                  b_hn.defined() ? b_hn.data_ptr<T>() : nullptr, h.data_ptr<T>(), nullptr,
                  c.defined() ? c.data_ptr<T>() : nullptr, nullptr, nullptr,

@@ -14,12 +14,17 @@ Options beyond torch, all off by default (a layer with them off is numerically t
 
 * ``recurrent_dropout=p``: variational dropout of the recurrent state (one mask per sequence,
   layer and direction, multiplying the hidden state where it enters ``W_hh``), in training only.
+* ``layer_norm=True`` (LSTM, GRU): layer-normalised cells (Ba et al., 2016): LayerNorm over the
+  input-side and the hidden-side gate pre-activations (and the LSTM's new cell state), with their
+  own parameters (``ln_ih.<k>``, ``ln_hh.<k>``, ``ln_c.<k>`` per layer and direction). This path
+  runs in PyTorch ops, step by step (no fused kernel yet).
 * ``forget_bias=v`` (LSTM): after torch's initialisation, the forget-gate slice of ``bias_ih`` is
   set to ``v`` and that of ``bias_hh`` to 0, so the gate starts at ``sigmoid(v)``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -52,10 +57,75 @@ class _RecurrentBase(nn.RNNBase):
 
     _kind = "lstm"
 
-    def _init_options(self, recurrent_dropout: float) -> None:
+    def _init_options(self, recurrent_dropout: float, layer_norm: bool = False) -> None:
         if not 0.0 <= recurrent_dropout < 1.0:
             raise ValueError(f"fastnn: argument 'recurrent_dropout': expected a value in [0, 1), got {recurrent_dropout}")
         self.recurrent_dropout = float(recurrent_dropout)
+        self.layer_norm = bool(layer_norm)
+        if not layer_norm:
+            return
+        if self._kind == "rnn" or self.proj_size > 0:
+            raise ValueError("fastnn: argument 'layer_norm': supported by LSTM and GRU without proj_size")
+        # One LayerNorm per layer and direction over the input-side and the hidden-side gate
+        # pre-activations (and, for LSTM, over the new cell state), as in Ba et al. (2016).
+        # Created after torch's initialisation, so the recurrent weights are drawn as torch does.
+        n = self.num_layers * (2 if self.bidirectional else 1)
+        G = (4 if self._kind == "lstm" else 3) * self.hidden_size
+        kw = dict(device=self.weight_ih_l0.device, dtype=self.weight_ih_l0.dtype)
+        self.ln_ih = nn.ModuleList([nn.LayerNorm(G, **kw) for _ in range(n)])
+        self.ln_hh = nn.ModuleList([nn.LayerNorm(G, **kw) for _ in range(n)])
+        if self._kind == "lstm":
+            self.ln_c = nn.ModuleList([nn.LayerNorm(self.hidden_size, **kw) for _ in range(n)])
+
+    def reset_parameters(self) -> None:
+        # torch's initialisation of the recurrent weights (the same draws in the same order), and
+        # the layer norms' own (ones and zeros), which torch's loop over parameters() would redo
+        if not getattr(self, "layer_norm", False):
+            super().reset_parameters()
+        else:
+            self._reset_recurrent()
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.reset_parameters()
+
+    def _reset_recurrent(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name in self._flat_weights_names:
+            nn.init.uniform_(getattr(self, name), -stdv, stdv)
+
+    def _ln_direction(self, idx: int, x: Tensor, h: Tensor, c: Optional[Tensor], lengths: Optional[Tensor],
+                      mask: Optional[Tensor], reverse: bool):
+        """One layer and direction of the layer-normalised cell, in PyTorch ops (no fused kernel)."""
+        w_ih, w_hh, b_ih, b_hh, _ = self._layer_weights(idx)
+        gi = self.ln_ih[idx](F.linear(x, w_ih))
+        if b_ih is not None:
+            gi = gi + b_ih
+        T = x.shape[0]
+        outs: list[Optional[Tensor]] = [None] * T
+        for t in (range(T - 1, -1, -1) if reverse else range(T)):
+            gh = self.ln_hh[idx](F.linear(h if mask is None else h * mask, w_hh))
+            if b_hh is not None:
+                gh = gh + b_hh
+            if self._kind == "lstm":
+                i, f, g, o = (gi[t] + gh).chunk(4, -1)
+                c2 = f.sigmoid() * c + i.sigmoid() * g.tanh()
+                h2 = o.sigmoid() * self.ln_c[idx](c2).tanh()
+            else:
+                xr, xz, xn = gi[t].chunk(3, -1)
+                hr, hz, hn = gh.chunk(3, -1)
+                r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+                h2 = (1 - z) * (xn + r * hn).tanh() + z * h
+                c2 = None
+            if lengths is not None:
+                live = (t < lengths).unsqueeze(-1)
+                h2 = torch.where(live, h2, h)
+                if c2 is not None:
+                    c2 = torch.where(live, c2, c)
+                outs[t] = torch.where(live, h2, torch.zeros_like(h2))
+            else:
+                outs[t] = h2
+            h, c = h2, c2
+        return torch.stack(outs), h, c
 
     def _layer_weights(self, idx: int) -> tuple:
         names = self._flat_weights_names
@@ -84,7 +154,12 @@ class _RecurrentBase(nn.RNNBase):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(idx)
                 h0 = states[0][idx]
                 mask = self._state_mask(h0)
-                if self._kind == "lstm":
+                if self.layer_norm:
+                    out, hn, cn = self._ln_direction(idx, layer_input, h0, states[1][idx] if len(states) > 1 else None,
+                                                     lengths, mask, d == 1)
+                    if cn is not None:
+                        c_n.append(cn)
+                elif self._kind == "lstm":
                     out, hn, cn, _ = ops.lstm_seq(layer_input, h0, states[1][idx], w_ih, w_hh, b_ih, b_hh, w_hr,
                                                   lengths, mask, d == 1)
                     c_n.append(cn)
@@ -197,9 +272,10 @@ class LSTM(_RecurrentBase):
 
     _kind = "lstm"
 
-    def __init__(self, *args, recurrent_dropout: float = 0.0, forget_bias: Optional[float] = None, **kwargs):
+    def __init__(self, *args, recurrent_dropout: float = 0.0, forget_bias: Optional[float] = None,
+                 layer_norm: bool = False, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
-        self._init_options(recurrent_dropout)
+        self._init_options(recurrent_dropout, layer_norm)
         self.forget_bias = forget_bias
         if forget_bias is not None:
             self._apply_forget_bias()
@@ -231,11 +307,11 @@ class GRU(_RecurrentBase):
 
     _kind = "gru"
 
-    def __init__(self, *args, recurrent_dropout: float = 0.0, **kwargs):
+    def __init__(self, *args, recurrent_dropout: float = 0.0, layer_norm: bool = False, **kwargs):
         if "proj_size" in kwargs and kwargs["proj_size"]:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
-        self._init_options(recurrent_dropout)
+        self._init_options(recurrent_dropout, layer_norm)
 
 
 class RNN(_RecurrentBase):
@@ -329,7 +405,7 @@ class RNNCell(nn.RNNCell):
 # fastnn.convert / fastnn.revert: the same object state under the other class, so parameters
 # (and any optimizer holding them) are kept as they are.
 
-_EXTRA = ("recurrent_dropout", "forget_bias")
+_EXTRA = ("recurrent_dropout", "forget_bias", "layer_norm")
 
 
 def _retype(module: nn.Module, cls: type) -> nn.Module:
@@ -343,6 +419,7 @@ def _to_fastnn(cls: type):
         new = _retype(module, cls)
         if issubclass(cls, _RecurrentBase):
             new.recurrent_dropout = 0.0
+            new.layer_norm = False
             if cls is LSTM:
                 new.forget_bias = None
         return new
@@ -351,6 +428,8 @@ def _to_fastnn(cls: type):
 
 def _to_torch(cls: type):
     def revert(module: nn.Module) -> nn.Module:
+        if getattr(module, "layer_norm", False):
+            raise ValueError(f"fastnn.revert: {type(module).__name__}(layer_norm=True) has no torch.nn counterpart")
         if getattr(module, "recurrent_dropout", 0.0):
             warnings.warn(f"fastnn.revert: {type(module).__name__} had recurrent_dropout="
                           f"{module.recurrent_dropout}, which torch.nn.{cls.__name__} does not have; "

@@ -394,3 +394,52 @@ def test_inputs_not_modified_and_no_warning():
         warnings.simplefilter("error")
         m(x, h)
     assert torch.equal(x, keep[0]) and torch.equal(h[0], keep[1]) and torch.equal(h[1], keep[2])
+
+
+@pytest.mark.parametrize("cls", [fastnn.LSTM, fastnn.GRU], ids=lambda c: c.__name__)
+def test_layer_norm_option(cls):
+    torch.manual_seed(0)
+    ref = (nn.LSTM if cls is fastnn.LSTM else nn.GRU)(5, 7, num_layers=2, bidirectional=True)
+    torch.manual_seed(0)
+    m = cls(5, 7, num_layers=2, bidirectional=True, layer_norm=True).double()
+    # the recurrent weights are torch's draws; the norms come on top, under their own names
+    sd = m.state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(sd[k].float(), v), k
+    assert any(k.startswith("ln_ih.3.") for k in sd) and any(k.startswith("ln_hh.0.") for k in sd)
+    m.reset_parameters()
+    assert torch.equal(m.ln_ih[0].weight, torch.ones_like(m.ln_ih[0].weight))
+    # one step by hand, every parameter random (one layer, one direction)
+    x = torch.randn(1, 2, 5, dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    one = cls(5, 7, layer_norm=True).double()
+    one.load_state_dict({k: v for k, v in m.state_dict().items()
+                         if k.endswith("_l0") or (k.startswith("ln_") and k.split(".")[1] == "0")})
+    gi = m.ln_ih[0](x[0] @ m.weight_ih_l0.T) + m.bias_ih_l0
+    gh = m.ln_hh[0](torch.zeros(2, 7, dtype=torch.float64) @ m.weight_hh_l0.T) + m.bias_hh_l0
+    if cls is fastnn.LSTM:
+        i, f, g, o = (gi + gh).chunk(4, -1)
+        c = i.sigmoid() * g.tanh()
+        h = o.sigmoid() * m.ln_c[0](c).tanh()
+    else:
+        xr, xz, xn = gi.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+        h = (1 - z) * (xn + r * hn).tanh()
+    testing.assert_close(one(x)[0][0], h)
+    # packed sequences give what each sequence gives alone
+    xs = torch.randn(6, 3, 5, dtype=torch.float64)
+    lengths = torch.tensor([6, 4, 2])
+    packed_out, _ = m(pack_padded_sequence(xs, lengths))
+    padded, _ = pad_packed_sequence(packed_out)
+    for b in range(3):
+        alone = m(xs[: lengths[b], b:b + 1])[0]
+        testing.assert_close(padded[: lengths[b], b:b + 1], alone)
+    padded.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    with pytest.raises(ValueError, match="no torch.nn counterpart"):
+        fastnn.revert(m)
+    with pytest.raises(ValueError, match="layer_norm"):
+        fastnn.LSTM(5, 7, proj_size=3, layer_norm=True)
