@@ -11,7 +11,7 @@ the forecast level (last value + predicted difference), against the naive foreca
 Then the recurrent layers are frozen and only the head is fine-tuned, with its own learning rate,
 on the sunspot series, and scored the same way.
 
-    python examples/forecast.py            # full run (about a minute on 2 CPU cores)
+    python examples/forecast.py            # full run (a few minutes on 2 idle CPU cores)
     python examples/forecast.py --quick    # a few epochs, as the test suite runs it
 """
 
@@ -98,8 +98,8 @@ def rmse_levels(model, x, last, target, stats) -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--finetune-epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--finetune-epochs", type=int, default=40)
     p.add_argument("--quick", action="store_true", help="3 + 5 epochs on the first 600 CO2 windows (smoke test)")
     args = p.parse_args(argv)
     if args.quick:

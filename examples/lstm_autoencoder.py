@@ -12,7 +12,7 @@ sensor noise, in units of the series' own spread). A window is flagged when its
 reconstruction error exceeds the 99th percentile of the errors on the training windows; the
 script reports precision, recall and F1 of the flags against the injected truth.
 
-    python examples/lstm_autoencoder.py            # full run (about a minute on 2 CPU cores)
+    python examples/lstm_autoencoder.py            # full run (a few minutes on 2 idle CPU cores)
     python examples/lstm_autoencoder.py --quick    # a few epochs, as the test suite runs it
 """
 
@@ -85,7 +85,7 @@ def errors(model, x):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--quick", action="store_true", help="6 epochs (smoke test)")
     args = p.parse_args(argv)
     if args.quick:

@@ -144,7 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
     at::Tensor hpre = proj ? at::zeros({d.B, d.H}, opts) : at::Tensor();
     at::Tensor hp = proj ? at::empty({d.B, d.P}, opts) : at::Tensor();
 
-    if (!cuda && !proj && std::is_same<T, float>::value) {
+    // The packed path repacks W_hh on every call: worth it over a few steps, not for one (a
+    // streaming cell call runs the GEMV + step kernel below).
+    if (!cuda && !proj && std::is_same<T, float>::value && d.T >= 4) {
       PackedForward f{in.cell, d.T, d.B, d.H, in.reverse, (const float*)gi.data_ptr<T>(),
                       (const float*)w_hh.data_ptr<T>(),
                       b_hn.defined() ? (const float*)b_hn.data_ptr<T>() : nullptr,

@@ -93,7 +93,8 @@ def _run(kind, T, B, I, H, device, dtype=torch.float32, train=False, cell_loop=T
     if train and device.type == "cuda":
         note = _peak_memory_note(baseline, fastnn, device)
     G = (4 if kind == "lstm" else 3) * H
-    flops = 2 * T * B * G * (I + H) * (3 if train else 1)
+    # TFLOP/s is a GPU column; on the CPU it would print 0
+    flops = 2 * T * B * G * (I + H) * (3 if train else 1) if device.type == "cuda" else None
     return Run(baseline=baseline, baseline_name=f"torch.nn.{_TORCH[kind].__name__}", fastnn=fastnn,
                error=lambda: _error(kind, fast, x.detach()), others=others, flops=flops, note=note)
 

@@ -272,6 +272,11 @@ def test_torch_compile_fullgraph():
     want = f(x)
     got = torch.compile(f, fullgraph=True, backend="eager")(x)
     testing.assert_close(got, want)
+    # training through AOTAutograd: the registered backward ops run in the compiled graph
+    want_grads = torch.autograd.grad(f(x), list(m.parameters()))
+    got_grads = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x), list(m.parameters()))
+    for a, b in zip(got_grads, want_grads):
+        testing.assert_close(a, b)
 
 
 def test_torch_export_dynamic_sequence_length():
