@@ -182,18 +182,15 @@ def _autograd(spec: _Spec, backward_op):
     return backward, setup_context
 
 
-def _register_native() -> None:
-    if not _extension.available():
-        return
+@_extension.on_load
+def _register_native(_module) -> None:
+    # When the compiled library loads (the first op call; importing fastnn does not load it).
     for name, spec in SPECS.items():
         torch.library.register_fake(f"fastnn::{name}")(_fake_forward(spec))
         torch.library.register_fake(f"fastnn::{name}_backward")(_fake_backward(spec))
         backward_op = getattr(torch.ops.fastnn, f"{name}_backward")
         bw, setup = _autograd(spec, backward_op)
         torch.library.register_autograd(f"fastnn::{name}", bw, setup_context=setup)
-
-
-_register_native()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,13 +311,16 @@ def _finish_grads(pairs, inputs, need):
     return tuple(out)
 
 
+def _kernels():
+    # Imported on first use: importing fastnn does not import Triton.
+    from ..kernels import rnn as tk
+    return tk
+
+
 def _register_triton() -> None:
-    from ..backends import triton_available
-    if not triton_available() or not hasattr(torch.library, "triton_op"):
+    if not hasattr(torch.library, "triton_op"):
         return
     from torch.library import triton_op, wrap_triton
-
-    from ..kernels import rnn as tk
 
     @triton_op("fastnn::triton_lstm_cell", mutates_args=())
     def triton_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -332,7 +332,7 @@ def _register_triton() -> None:
         if B > 0:
             x, h, c = input.contiguous(), hx.contiguous(), cx.contiguous()
             has_bias = b_ih is not None
-            wrap_triton(tk.lstm_cell_fwd)[_grid(B, H)](
+            wrap_triton(_kernels().lstm_cell_fwd)[_grid(B, H)](
                 x, h, c, w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else x, b_hh if has_bias else x,
                 hy, cy, ws, B, I, H, HAS_BIAS=has_bias, PRECISION=_precision(input.dtype), BLOCK_B=_BLOCK_B,
                 BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K)
@@ -348,7 +348,7 @@ def _register_triton() -> None:
         if B > 0:
             x, h = input.contiguous(), hx.contiguous()
             has_bias = b_ih is not None
-            wrap_triton(tk.gru_cell_fwd)[_grid(B, H)](
+            wrap_triton(_kernels().gru_cell_fwd)[_grid(B, H)](
                 x, h, w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else x, b_hh if has_bias else x,
                 hy, ws, B, I, H, HAS_BIAS=has_bias, PRECISION=_precision(input.dtype), BLOCK_B=_BLOCK_B,
                 BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K)
@@ -366,7 +366,7 @@ def _register_triton() -> None:
         dcx = input.new_empty((B, H), dtype=torch.float32)
         if B > 0:
             import triton
-            wrap_triton(tk.lstm_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
+            wrap_triton(_kernels().lstm_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
                 workspace.contiguous(), cx.contiguous(), dhy, dcy, dg, dcx, B * H, H, BLOCK=_BLOCK)
         db = dg.sum(0)
         grads = [dg @ w_ih.float(), dg @ w_hh.float(), dcx, dg.t() @ input.float(), dg.t() @ hx.float(), db, db.clone()]
@@ -383,7 +383,7 @@ def _register_triton() -> None:
         direct = input.new_empty((B, H), dtype=torch.float32)
         if B > 0:
             import triton
-            wrap_triton(tk.gru_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
+            wrap_triton(_kernels().gru_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
                 workspace.contiguous(), hx.contiguous(), dhy, dgi, dgh, direct, B * H, H, BLOCK=_BLOCK)
         grads = [dgi @ w_ih.float(), dgh @ w_hh.float() + direct, dgi.t() @ input.float(), dgh.t() @ hx.float(),
                  dgi.sum(0), dgh.sum(0)]
