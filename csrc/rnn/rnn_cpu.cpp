@@ -239,31 +239,32 @@ const float* pack_weights(const float* w, int64_t NG, int64_t H, int64_t K) {
 }
 
 // gh[b, g*H + j0 .. j0+8] (+)= the recurrent products of one block over features [k0, k1), for R
-// batch rows starting at b. `wp` is the block's packed slice; `hin` the [B, K] input rows.
-template <int NG, int R>
+// batch rows starting at b and the NGP gates g0 .. g0+NGP-1 (of NG in the packed layout). `wp` is
+// the block's packed slice; `hin` the [B, K] input rows.
+template <int NG, int NGP, int R>
 inline void block_products(const float* wp, const float* hin, int64_t K, int64_t k0, int64_t k1, int64_t b,
-                           int64_t H, int64_t j0, int64_t width, float* gh, bool accumulate) {
+                           int64_t H, int64_t j0, int64_t width, float* gh, bool accumulate, int g0) {
   using V = Vectorized<float>;
   const int64_t G = NG * H;
-  V acc[R][NG];
+  V acc[R][NGP];
   for (int r = 0; r < R; ++r) {
-    for (int g = 0; g < NG; ++g) {
-      const float* src = gh + (b + r) * G + g * H + j0;
+    for (int g = 0; g < NGP; ++g) {
+      const float* src = gh + (b + r) * G + (g0 + g) * H + j0;
       acc[r][g] = !accumulate ? V(0.f) : (width == kBlock ? V::loadu(src) : V::loadu(src, (int)width));
     }
   }
   const float* h0 = hin + b * K;
   for (int64_t k = k0; k < k1; ++k) {
-    V w[NG];
-    for (int g = 0; g < NG; ++g) w[g] = V::loadu(wp + (k * NG + g) * kBlock);
+    V w[NGP];
+    for (int g = 0; g < NGP; ++g) w[g] = V::loadu(wp + (k * NG + g0 + g) * kBlock);
     for (int r = 0; r < R; ++r) {
       const V hv(h0[r * K + k]);
-      for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(w[g], hv, acc[r][g]);
+      for (int g = 0; g < NGP; ++g) acc[r][g] = at::vec::fmadd(w[g], hv, acc[r][g]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int g = 0; g < NG; ++g) {
-      float* dst = gh + (b + r) * G + g * H + j0;
+    for (int g = 0; g < NGP; ++g) {
+      float* dst = gh + (b + r) * G + (g0 + g) * H + j0;
       if (width == kBlock) {
         acc[r][g].store(dst);
       } else {
@@ -271,6 +272,25 @@ inline void block_products(const float* wp, const float* hin, int64_t K, int64_t
       }
     }
   }
+}
+
+// All batch rows of one block over features [k0, k1), NGP gates at a time with R rows: R x NGP
+// accumulators, NGP weight vectors and a broadcast fit the 16 vector registers with enough
+// independent FMA chains to hide their latency (LSTM: two passes of 2 gates x 4 rows; GRU: 3 x 3).
+template <int NG>
+void block_all_rows(const float* w, const float* hin, int64_t K, int64_t k0, int64_t k1, int64_t B, int64_t H,
+                    int64_t j0, int64_t width, float* gh) {
+  constexpr int NGP = NG == 4 ? 2 : NG;
+  constexpr int R = NG == 4 ? 4 : 3;
+  const bool acc = k0 > 0;
+  const int64_t full = B - B % R;
+  for (int g0 = 0; g0 < NG; g0 += NGP) {
+    for (int64_t b = 0; b < full; b += R) block_products<NG, NGP, R>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, g0);
+  }
+  // the last rows (all of them at batch 1): every gate at once, for more independent chains
+  int64_t b = full;
+  for (; b + 2 <= B; b += 2) block_products<NG, NG, 2>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, 0);
+  if (b < B) block_products<NG, NG, 1>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, 0);
 }
 
 // Features per pass over the batch: a block's weights for them (kChunkK * NG * 8 floats, 8 KB for
@@ -314,14 +334,7 @@ void packed_forward(const PackedForward& f) {
         const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
         for (int64_t k0 = 0; k0 < H; k0 += kChunkK) {
           const int64_t k1 = std::min(H, k0 + kChunkK);
-          // 3 rows x NG gates of accumulators: enough independent FMA chains to hide their
-          // latency (for LSTM, 12 accumulators + 4 weights + 1 broadcast is one register over
-          // the 16, and still measured faster than 2 rows)
-          constexpr int R = 3;
-          int64_t b = 0;
-          for (; b + R <= B; b += R) block_products<NG, R>(w, hin, H, k0, k1, b, H, j0, width, gh.data(), k0 > 0);
-          if (B - b == 2) block_products<NG, 2>(w, hin, H, k0, k1, b, H, j0, width, gh.data(), k0 > 0);
-          if (B - b == 1) block_products<NG, 1>(w, hin, H, k0, k1, b, H, j0, width, gh.data(), k0 > 0);
+          block_all_rows<NG>(w, hin, H, k0, k1, B, H, j0, width, gh.data());
         }
         for (int64_t b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
       }
