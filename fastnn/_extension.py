@@ -75,14 +75,15 @@ def load():
     return module
 
 
-# Answers cached in plain module state. Backend choice runs inside torch.compile'd code, where
-# dynamo cannot trace an import or a dispatcher query: these functions are marked
-# assume_constant_result, so dynamo calls them (loading the library on first use) and treats the
-# answer as a constant of the process.
+# The queries below are constant for a process. They are marked so for torch.compile, which then
+# calls them instead of tracing them (tracing would reach importlib and torch._C and break the
+# graph; the first call loads the library), so that backend choice (fastnn.backends) works inside
+# torch.compile(fullgraph=True). Answers are cached: eager calls choose a backend on every op call.
+_constant = torch.compiler.assume_constant_result
 _CACHE: dict = {}
 
 
-@torch.compiler.assume_constant_result
+@_constant
 def available() -> bool:
     """Whether the compiled library is loaded."""
     if "available" not in _CACHE:
@@ -90,19 +91,21 @@ def available() -> bool:
     return _CACHE["available"]
 
 
+@_constant
 def error() -> str | None:
     """Why the compiled library is not loaded (None when it is)."""
     load()
     return _ERROR
 
 
+@_constant
 def built_with_cuda() -> bool:
     """Whether the loaded library contains CUDA kernels (independent of a GPU being present)."""
     module = load()
     return bool(module is not None and module.built_with_cuda())
 
 
-@torch.compiler.assume_constant_result
+@_constant
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastnn::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     key = (op, dispatch_key)

@@ -37,7 +37,8 @@ fi
 # import name -> pip name, for what the build, tests, benchmarks and examples use.
 missing=()
 for pair in numpy:numpy pybind11:pybind11 ninja:ninja pytest:pytest pytest_benchmark:pytest-benchmark \
-            matplotlib:matplotlib sklearn:scikit-learn setuptools:setuptools wheel:wheel transformers:transformers; do
+            matplotlib:matplotlib sklearn:scikit-learn setuptools:setuptools wheel:wheel transformers:transformers \
+            statsmodels:statsmodels; do
   mod=${pair%%:*}; pkg=${pair#*:}
   "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
 done

@@ -1,0 +1,188 @@
+"""Triton fused LSTM/GRU cells: one time step, both matrix products and all the gate arithmetic in
+one kernel, and the pointwise part of the backward.
+
+Forward: a program owns a tile of BLOCK_B batch rows x BLOCK_H hidden units and keeps one fp32
+accumulator per gate (LSTM i, f, g, o; GRU r, z and the two halves of n, which torch keeps apart:
+``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``). It runs over the input features, then the hidden
+features, with ``tl.dot`` on tiles of the weights read in place (torch.nn's [G, K] layout, no
+transposed copy), and ends with the gate math, writing h', c' and the workspace the backward reads
+(LSTM: activated gates and c'; GRU: r, z, n, W_hn h + b_hn) - the layout of fastnn::lstm_cell.
+
+Backward: one pointwise kernel turns the output gradients into the pre-activation gradients (and
+the previous cell state's); the GEMMs that follow are torch.matmul calls in the op
+(fastnn/ops/rnn_triton.py). Accumulation is fp32 for bf16/fp16 inputs, and fp32 products use
+IEEE precision (no TF32), so results match the reference at fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2 sigmoid(2x) - 1, written to stay finite for large |x|
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _gate_products(acc, a_ptr, stride_a, w_ptr, K, row0, rows, cols, B, H, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """acc += A[rows, :K] @ W[row0 + cols, :K]^T  (A: [B, K] row-major, W: [G, K] row-major)."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :],
+                    mask=(rows[:, None] < B) & (ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + (row0 + cols[None, :]) * K + ks[:, None],
+                    mask=(cols[None, :] < H) & (ks[:, None] < K), other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _bias(b_ptr, off, cols, cmask):
+    """One gate's bias as a [1, BLOCK_H] row in fp32."""
+    return tl.load(b_ptr + off + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def lstm_cell_fwd(x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, cy_ptr, ws_ptr,
+                  B, I, H, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_i = _gate_products(acc_i, x_ptr, I, w_ih_ptr, I, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_f = _gate_products(acc_f, x_ptr, I, w_ih_ptr, I, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_g = _gate_products(acc_g, x_ptr, I, w_ih_ptr, I, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_o = _gate_products(acc_o, x_ptr, I, w_ih_ptr, I, 3 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_i = _gate_products(acc_i, h_ptr, H, w_hh_ptr, H, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_f = _gate_products(acc_f, h_ptr, H, w_hh_ptr, H, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_g = _gate_products(acc_g, h_ptr, H, w_hh_ptr, H, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_o = _gate_products(acc_o, h_ptr, H, w_hh_ptr, H, 3 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    cmask = cols < H
+    if HAS_BIAS:
+        acc_i += _bias(b_ih_ptr, 0 * H, cols, cmask) + _bias(b_hh_ptr, 0 * H, cols, cmask)
+        acc_f += _bias(b_ih_ptr, 1 * H, cols, cmask) + _bias(b_hh_ptr, 1 * H, cols, cmask)
+        acc_g += _bias(b_ih_ptr, 2 * H, cols, cmask) + _bias(b_hh_ptr, 2 * H, cols, cmask)
+        acc_o += _bias(b_ih_ptr, 3 * H, cols, cmask) + _bias(b_hh_ptr, 3 * H, cols, cmask)
+    i = _sigmoid(acc_i)
+    f = _sigmoid(acc_f)
+    g = _tanh(acc_g)
+    o = _sigmoid(acc_o)
+    mask = (rows[:, None] < B) & cmask[None, :]
+    offs = rows[:, None] * H + cols[None, :]
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c2 = f * c + i * g
+    h2 = o * _tanh(c2)
+    tl.store(hy_ptr + offs, h2.to(hy_ptr.dtype.element_ty), mask=mask)
+    tl.store(cy_ptr + offs, c2.to(cy_ptr.dtype.element_ty), mask=mask)
+    ws = ws_ptr + rows[:, None] * (5 * H) + cols[None, :]
+    tl.store(ws, i, mask=mask)
+    tl.store(ws + H, f, mask=mask)
+    tl.store(ws + 2 * H, g, mask=mask)
+    tl.store(ws + 3 * H, o, mask=mask)
+    tl.store(ws + 4 * H, c2, mask=mask)
+
+
+@triton.jit
+def gru_cell_fwd(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, ws_ptr,
+                 B, I, H, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_xn = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_hn = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_r = _gate_products(acc_r, x_ptr, I, w_ih_ptr, I, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_z = _gate_products(acc_z, x_ptr, I, w_ih_ptr, I, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_xn = _gate_products(acc_xn, x_ptr, I, w_ih_ptr, I, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_r = _gate_products(acc_r, h_ptr, H, w_hh_ptr, H, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_z = _gate_products(acc_z, h_ptr, H, w_hh_ptr, H, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    acc_hn = _gate_products(acc_hn, h_ptr, H, w_hh_ptr, H, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
+    cmask = cols < H
+    if HAS_BIAS:
+        acc_r += _bias(b_ih_ptr, 0 * H, cols, cmask) + _bias(b_hh_ptr, 0 * H, cols, cmask)
+        acc_z += _bias(b_ih_ptr, 1 * H, cols, cmask) + _bias(b_hh_ptr, 1 * H, cols, cmask)
+        acc_xn += _bias(b_ih_ptr, 2 * H, cols, cmask)
+        acc_hn += _bias(b_hh_ptr, 2 * H, cols, cmask)
+    r = _sigmoid(acc_r)
+    z = _sigmoid(acc_z)
+    n = _tanh(acc_xn + r * acc_hn)
+    mask = (rows[:, None] < B) & cmask[None, :]
+    offs = rows[:, None] * H + cols[None, :]
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h2 = (1.0 - z) * n + z * h
+    tl.store(hy_ptr + offs, h2.to(hy_ptr.dtype.element_ty), mask=mask)
+    ws = ws_ptr + rows[:, None] * (4 * H) + cols[None, :]
+    tl.store(ws, r, mask=mask)
+    tl.store(ws + H, z, mask=mask)
+    tl.store(ws + 2 * H, n, mask=mask)
+    tl.store(ws + 3 * H, acc_hn, mask=mask)
+
+
+@triton.jit
+def lstm_cell_bwd(ws_ptr, cx_ptr, dhy_ptr, dcy_ptr, dgates_ptr, dcx_ptr, N, H, BLOCK: tl.constexpr):
+    """Pre-activation gradients [B, 4H] and the previous cell state's gradient, one element each."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    b = idx // H
+    j = idx % H
+    ws = ws_ptr + b * (5 * H) + j
+    i = tl.load(ws, mask=mask, other=0.0)
+    f = tl.load(ws + H, mask=mask, other=0.0)
+    g = tl.load(ws + 2 * H, mask=mask, other=0.0)
+    o = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    c2 = tl.load(ws + 4 * H, mask=mask, other=0.0)
+    c = tl.load(cx_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dhy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dc = tl.load(dcy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tc = _tanh(c2)
+    dct = dc + dh * o * (1.0 - tc * tc)
+    d = dgates_ptr + b * (4 * H) + j
+    tl.store(d, dct * g * i * (1.0 - i), mask=mask)
+    tl.store(d + H, dct * c * f * (1.0 - f), mask=mask)
+    tl.store(d + 2 * H, dct * i * (1.0 - g * g), mask=mask)
+    tl.store(d + 3 * H, dh * tc * o * (1.0 - o), mask=mask)
+    tl.store(dcx_ptr + idx, dct * f, mask=mask)
+
+
+@triton.jit
+def gru_cell_bwd(ws_ptr, hx_ptr, dhy_ptr, dgi_ptr, dgh_ptr, dh_direct_ptr, N, H, BLOCK: tl.constexpr):
+    """Pre-activation gradients on the input side [B, 3H] and the hidden side [B, 3H] (they differ
+    in n), and the part of the previous state's gradient that bypasses W_hh (z * dh)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    b = idx // H
+    j = idx % H
+    ws = ws_ptr + b * (4 * H) + j
+    r = tl.load(ws, mask=mask, other=0.0)
+    z = tl.load(ws + H, mask=mask, other=0.0)
+    n = tl.load(ws + 2 * H, mask=mask, other=0.0)
+    hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    h = tl.load(hx_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dhy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    dnp = dh * (1.0 - z) * (1.0 - n * n)
+    dr = dnp * hn * r * (1.0 - r)
+    dz = dh * (h - n) * z * (1.0 - z)
+    gi = dgi_ptr + b * (3 * H) + j
+    gh = dgh_ptr + b * (3 * H) + j
+    tl.store(gi, dr, mask=mask)
+    tl.store(gi + H, dz, mask=mask)
+    tl.store(gi + 2 * H, dnp, mask=mask)
+    tl.store(gh, dr, mask=mask)
+    tl.store(gh + H, dz, mask=mask)
+    tl.store(gh + 2 * H, dnp * r, mask=mask)
+    tl.store(dh_direct_ptr + idx, dh * z, mask=mask)
