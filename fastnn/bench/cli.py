@@ -68,12 +68,12 @@ def _fmt_ms(v: float | None) -> str:
     return f"{v * 1e3:.1f} us" if v < 0.1 else f"{v:.3f} ms"
 
 
-def run_case(c: Case, device: torch.device, *, rounds: int, budget_s: float) -> dict[str, Any]:
+def run_case(c: Case, device: torch.device, *, rounds: int, budget_s: float, clock: str = "wall") -> dict[str, Any]:
     row: dict[str, Any] = {"case": c.id, "device": device.type, "dtype": str(c.dtype).replace("torch.", ""),
                            "shape": c.shape, "goal": c.goal, "goal_speedup": c.goal_speedup}
     run = c.make(device)
     fns = {"baseline": run.baseline, "fastnn": run.fastnn, **run.others}
-    times = time_pair(fns, device, rounds=rounds, budget_s=budget_s)
+    times = time_pair(fns, device, rounds=rounds, budget_s=budget_s, clock=clock)
     row.update(baseline=run.baseline_name, baseline_ms=times["baseline"], fastnn_ms=times["fastnn"],
                others_ms={k: times[k] for k in run.others}, note=run.note)
     row["speedup"] = times["baseline"] / times["fastnn"] if times["fastnn"] > 0 else None
@@ -102,7 +102,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         thr = ""
         if "fastnn_TFLOPs" in r:
-            thr = f"{r['fastnn_TFLOPs']:.0f} TFLOP/s"
+            tf = r["fastnn_TFLOPs"]
+            thr = f"{tf:.0f} TFLOP/s" if tf >= 10 else f"{tf * 1e3:.0f} GFLOP/s"
         elif "fastnn_GBps" in r:
             thr = f"{r['fastnn_GBps']:.0f} GB/s"
         err = r["max_rel_error"]
@@ -156,14 +157,14 @@ def write_chart(rows: list[dict[str, Any]], title: str, path: str) -> bool:
 
 
 def run_cases(cases: list[Case], device: torch.device, *, rounds: int = 3, budget_s: float = 0.6,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, clock: str = "wall") -> list[dict[str, Any]]:
     rows = []
     for i, c in enumerate(cases, 1):
         if progress:
             print(f"[{i}/{len(cases)}] {c.id} ({c.shape}, {str(c.dtype).replace('torch.', '')}) ...",
                   file=sys.stderr, flush=True)
         try:
-            row = run_case(c, device, rounds=rounds, budget_s=budget_s)
+            row = run_case(c, device, rounds=rounds, budget_s=budget_s, clock=clock)
         except Exception as exc:  # a broken case is reported, the others still run
             traceback.print_exc(file=sys.stderr)
             row = {"case": c.id, "dtype": str(c.dtype).replace("torch.", ""), "shape": c.shape,
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="only the smallest cases (smoke test)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per case")
     p.add_argument("--budget", type=float, default=0.6, help="seconds of timing per implementation and case")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="CPU timing: wall time (what a user sees) or process CPU time (steadier on a shared "
+                        "machine; use with --threads 1)")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     if dev == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     device = torch.device(dev)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "process" and dev != "cpu":
+        p.error("--clock process times CPU work; GPU timings use CUDA events")
     cases = cases_for(dev, args.filter, quick=args.quick)
     if args.list:
         for c in cases:
@@ -209,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastnn-bench on {desc['name']} ({dev}), torch {torch.__version__}, "
           f"compiled kernels: {'yes' if ext['extension'] else 'no (' + str(ext['extension_error']) + ')'}"
           f"{', CUDA kernels' if ext['cuda_kernels'] else ''}; {len(cases)} cases", file=sys.stderr, flush=True)
-    rows = run_cases(cases, device, rounds=args.rounds, budget_s=args.budget)
-    title = f"fastnn on {desc['name']}" + (f", {desc['threads']} threads" if dev == "cpu" else "")
+    rows = run_cases(cases, device, rounds=args.rounds, budget_s=args.budget, clock=args.clock)
+    title = f"fastnn on {desc['name']}" + (f", {desc['threads']} threads" if dev == "cpu" else "") + (
+        ", CPU time" if args.clock == "process" else "")
     print()
     print(title)
     print(format_table(rows))
@@ -219,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         date = _dt.date.today().isoformat()
         stem = os.path.join(args.out, f"{date}-{_slug(desc)}" + ("-quick" if args.quick else "")
+                            + ("-cputime" if args.clock == "process" else "")
                             + ("-" + re.sub(r"\W+", "_", args.filter) if args.filter else ""))
-        meta = {"date": date, **desc, "torch": torch.__version__, "fastnn_commit": _git_commit(),
+        meta = {"date": date, **desc, "clock": args.clock, "torch": torch.__version__, "fastnn_commit": _git_commit(),
                 "extension": ext, "command": "fastnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])}
         try:
             import triton

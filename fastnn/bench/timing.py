@@ -2,7 +2,9 @@
 
 * CUDA: ``triton.testing.do_bench`` median (CUDA events, L2 flushed before each call), after
   warm-up; CUDA events directly when Triton is missing.
-* CPU: host clock around each call, median, after warm-up.
+* CPU: host clock around each call, median, after warm-up. ``clock="process"`` times CPU time
+  instead of wall time: on a machine shared with other work, time slicing then does not swing
+  the numbers (cache contention still does); use it with one thread.
 
 The baseline and fastnn are timed in alternating rounds, so that drift of the machine (another
 process, clock changes) hits both alike.
@@ -32,8 +34,11 @@ def _cuda_events_ms(fn: Callable[[], Any], reps: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 20,
-            budget_s: float = 1.0) -> list[float]:
+            budget_s: float = 1.0, clock: str = "wall") -> list[float]:
     """Milliseconds per call of ``fn``: a list of samples (take the median)."""
     if device.type == "cuda":
         for _ in range(warmup):
@@ -49,22 +54,23 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, rep
             return _cuda_events_ms(fn, reps)
     for _ in range(warmup):
         fn()
+    now = CLOCKS[clock]
     samples: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(samples) < reps or (time.perf_counter() < deadline and len(samples) < 10 * reps):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append((now() - t0) * 1e3)
         if len(samples) >= reps and time.perf_counter() >= deadline:
             break
     return samples
 
 
 def time_pair(fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int = 3,
-              reps: int = 10, budget_s: float = 0.5) -> dict[str, float]:
+              reps: int = 10, budget_s: float = 0.5, clock: str = "wall") -> dict[str, float]:
     """Median ms of each function, timed in ``rounds`` alternating rounds."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name] += time_ms(fn, device, reps=reps, budget_s=budget_s / rounds)
+            samples[name] += time_ms(fn, device, reps=reps, budget_s=budget_s / rounds, clock=clock)
     return {k: statistics.median(v) for k, v in samples.items()}
