@@ -261,6 +261,56 @@ def _grouped_backward_fake(grad, a, b, offsets, trans_b, need_a, need_b):
             torch.empty_like(b) if need_b else b.new_empty((0,)))
 
 
+# ---------------------------------------------------------------------------------------------
+# The CUDA grouped GEMM: torch's own (CUTLASS grouped GEMM on sm90, bf16) behind fastnn's op and
+# conventions. Rows past the last group (dropped slots) and experts without tokens get zeros,
+# computed with masks rather than slices so that nothing reads a device value on the host.
+
+def _rows_past_groups(offsets: Tensor, M: int, device: torch.device) -> Tensor:
+    return (torch.arange(M, device=device) >= offsets[-1]).unsqueeze(1)
+
+
+def torch_grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool = False) -> Tensor:
+    if b.shape[0] == 0:
+        return a.new_zeros((a.shape[0], b.shape[1] if trans_b else b.shape[2]))
+    out = torch._grouped_mm(a, b.transpose(-2, -1) if trans_b else b, offs=offsets.to(torch.int32))
+    return out.masked_fill(_rows_past_groups(offsets, a.shape[0], a.device), 0)
+
+
+def torch_grouped_mm_backward(grad: Tensor, a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, need_a: bool,
+                              need_b: bool) -> tuple[Tensor, Tensor]:
+    offs = offsets.to(torch.int32)
+    ga, gb = a.new_empty((0,)), b.new_empty((0,))
+    if need_a:  # dA = dY @ B_e^T
+        ga = torch._grouped_mm(grad, b if trans_b else b.transpose(-2, -1), offs=offs)
+        ga = ga.masked_fill(_rows_past_groups(offsets, a.shape[0], a.device), 0)
+    if need_b:  # dB_e = A_e^T dY_e, [E, K, N] (transposed back for the [E, N, K] layout)
+        gk = torch._grouped_mm(a.t(), grad, offs=offs)
+        counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1).to(torch.int64))
+        gk = torch.where((counts > 0).view(-1, 1, 1), gk, torch.zeros((), dtype=gk.dtype, device=gk.device))
+        gb = gk.transpose(-2, -1).contiguous() if trans_b else gk
+    return ga, gb
+
+
+@torch.compiler.assume_constant_result
+def _sm90_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _grouped_cuda_supports(a, b, offsets, trans_b=False) -> Optional[str]:
+    if not _NATIVE:
+        return "the compiled library has no MoE ops (rebuild fastnn)"
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no torch._grouped_mm"
+    if not isinstance(a, Tensor) or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        return "the CUDA grouped GEMM (torch._grouped_mm) takes bfloat16; other dtypes use triton or reference"
+    if a.shape[1] % 8 or (b.shape[1] if trans_b else b.shape[2]) % 8:
+        return "the CUDA grouped GEMM needs K and N multiples of 8 (16-byte rows)"
+    if not _sm90_or_newer(a.device.index if a.device.index is not None else torch.cuda.current_device()):
+        return "the CUDA grouped GEMM (CUTLASS) needs an sm90 or newer GPU"
+    return None
+
+
 _FAKES = {
     "topk_gating": _gating_fake, "topk_gating_backward": _gating_backward_fake, "permute_tokens": _permute_fake,
     "unpermute_tokens": _unpermute_fake, "unpermute_tokens_backward": _unpermute_backward_fake,
@@ -289,6 +339,8 @@ def _register_native(_module) -> None:
     # composed reference is as fast as a kernel would be, so it is the CUDA implementation.
     if _module.built_with_cuda():
         torch.library.impl("fastnn::topk_gating_backward", "CUDA")(_reference_gating_backward)
+        torch.library.impl("fastnn::grouped_mm", "CUDA")(torch_grouped_mm)
+        torch.library.impl("fastnn::grouped_mm_backward", "CUDA")(torch_grouped_mm_backward)
     _register_autograd("")
 
     def no_backward(ctx, grad):
@@ -330,7 +382,7 @@ def _gating_args(args, kwargs) -> tuple:
 topk_gating = Op("topk_gating", preference={"cuda": ("triton", "cuda", "reference")})
 permute_tokens = Op("permute_tokens", preference={"cuda": ("triton", "cuda", "reference")})
 unpermute_tokens = Op("unpermute_tokens", preference={"cuda": ("triton", "cuda", "reference")})
-grouped_mm = Op("grouped_mm", preference={"cuda": ("triton", "reference")})
+grouped_mm = Op("grouped_mm", preference={"cuda": ("triton", "cuda", "reference")})
 # The experts' whole inference forward in one op (CPU): see csrc/moe/moe_mlp_cpu.cpp.
 moe_mlp = Op("moe_mlp", preference={"cuda": ("triton", "reference")})
 
@@ -447,6 +499,7 @@ def _grouped_reference(a, b, offsets, trans_b=False):
 
 
 @grouped_mm.register("cpu", native="grouped_mm", supports=_native_supports)
+@grouped_mm.register("cuda", native="grouped_mm", supports=_grouped_cuda_supports)
 def _grouped_native(a, b, offsets, trans_b=False):
     validate_grouped_mm(a, b, offsets, trans_b)
     return torch.ops.fastnn.grouped_mm(a, b, offsets.to(torch.int64), trans_b)
