@@ -78,6 +78,8 @@ struct FwdStep {
   T* hpre;            // LSTM with projection: [B, H] receives o*tanh(c); h/out are the driver's
   const int64_t* lengths;  // [B] or null
   int64_t t;
+  const T* gi_bias = nullptr;  // [G] added to gi, or null (CPU packed path: gi is then x W_ih^T
+                               // alone, which spares the GEMM a pass that broadcasts the bias)
 };
 
 template <typename T>
@@ -108,7 +110,8 @@ struct PackedForward {
   Cell cell;
   int64_t T, B, H;
   bool reverse;
-  const float* gi;       // [T, B, G] input projection + folded biases
+  const float* gi;       // [T, B, G] input projection (+ folded biases unless gi_bias)
+  const float* gi_bias;  // [G] folded biases or null
   const float* w_hh;     // [G, H]
   const float* b_hn;     // GRU [H] or null
   const float* h_mask;   // [B, H] or null

@@ -77,7 +77,11 @@ inline void forward_cols(const FwdStep<T>& s, int64_t b, int64_t j) {
   const T* gi = s.gi + b * G;
   const T* gh = s.gh + b * G;
   T* ws = s.ws + b * ws_width(s.cell, H);
-  auto pre = [&](int64_t k) { return IO::load(gi + k * H + j) + IO::load(gh + k * H + j); };
+  auto input_part = [&](int64_t k) {
+    const W x = IO::load(gi + k * H + j);
+    return s.gi_bias ? x + IO::load(s.gi_bias + k * H + j) : x;
+  };
+  auto pre = [&](int64_t k) { return input_part(k) + IO::load(gh + k * H + j); };
   W h_new;
   if (s.cell == Cell::LSTM) {
     LstmGates<W> a;
@@ -98,7 +102,7 @@ inline void forward_cols(const FwdStep<T>& s, int64_t b, int64_t j) {
     if (s.b_hn) hn = hn + IO::load(s.b_hn + j);
     W r, z, n;
     const T* h_prev = s.h_prev ? s.h_prev : s.h;
-    gru_forward<W, Ops>(pre(0), pre(1), IO::load(gi + 2 * H + j), hn, IO::load(h_prev + b * s.P + j), r, z,
+    gru_forward<W, Ops>(pre(0), pre(1), input_part(2), hn, IO::load(h_prev + b * s.P + j), r, z,
                         n, h_new);
     IO::store(ws + j, r);
     IO::store(ws + H + j, z);
@@ -293,6 +297,58 @@ void block_all_rows(const float* w, const float* hin, int64_t K, int64_t k0, int
   if (b < B) block_products<NG, NG, 1>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, 0);
 }
 
+// Batch 1: dot products of W_hh's rows (its own row-major layout, so nothing is repacked) with
+// the one state row. Eight rows at a time: eight independent FMA chains, one load of the state
+// per eight weight loads, and one vector of eight sums at the end.
+inline Vectorized<float> sum_each(Vectorized<float> (&a)[8]) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  // lanes: low half [0 1 2 3 | ...] of each 128-bit lane; add the two lanes
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+#else
+  float out[8];
+  for (int r = 0; r < 8; ++r) {
+    float v[8];
+    a[r].store(v);
+    out[r] = 0.f;
+    for (int l = 0; l < 8; ++l) out[r] += v[l];
+  }
+  return Vectorized<float>::loadu(out);
+#endif
+}
+
+// gh[g*H + j0 .. j0+width) = W_hh[g*H + j0 + r, :] . hin for every gate g (hin: one row of K).
+template <int NG>
+void block_dots(const float* w_hh, const float* hin, int64_t K, int64_t H, int64_t j0, int64_t width,
+                float* gh) {
+  using V = Vectorized<float>;
+  for (int g = 0; g < NG; ++g) {
+    const float* rows[kBlock];
+    for (int64_t r = 0; r < kBlock; ++r) rows[r] = w_hh + (g * H + j0 + std::min(r, width - 1)) * K;
+    V acc[kBlock];
+    for (auto& a : acc) a = V(0.f);
+    int64_t k = 0;
+    for (; k + kBlock <= K; k += kBlock) {
+      const V x = V::loadu(hin + k);
+      for (int r = 0; r < kBlock; ++r) acc[r] = at::vec::fmadd(V::loadu(rows[r] + k), x, acc[r]);
+    }
+    if (k < K) {
+      const int n = (int)(K - k);
+      const V x = V::loadu(hin + k, n);
+      for (int r = 0; r < kBlock; ++r) acc[r] = at::vec::fmadd(V::loadu(rows[r] + k, n), x, acc[r]);
+    }
+    const V sums = sum_each(acc);
+    float* dst = gh + g * H + j0;
+    if (width == kBlock) {
+      sums.store(dst);
+    } else {
+      sums.store(dst, (int)width);
+    }
+  }
+}
+
 // Features per pass over the batch: a block's weights for them (kChunkK * NG * 8 floats, 8 KB for
 // an LSTM) stay in L1 while every batch row uses them.
 constexpr int64_t kChunkK = 64;
@@ -302,7 +358,9 @@ void packed_forward(const PackedForward& f) {
   static_assert(Vectorized<float>::size() == kBlock, "a block is one vector of floats");
   const int64_t T = f.T, B = f.B, H = f.H, G = NG * H, WS = ws_width(f.cell, H);
   const int64_t nb = (H + kBlock - 1) / kBlock;
-  const float* wp = pack_weights(f.w_hh, NG, H, H);
+  // Batch 1 reads W_hh in place; larger batches repack it so that a block's weights serve every row.
+  const bool dots = B == 1;
+  const float* wp = dots ? nullptr : pack_weights(f.w_hh, NG, H, H);
   std::vector<float> gh((size_t)(B * G));
   std::vector<float> hbuf((size_t)(2 * B * H));
   std::vector<float> hm(f.h_mask ? (size_t)(B * H) : 0);
@@ -323,15 +381,20 @@ void packed_forward(const PackedForward& f) {
       hin = hm.data();
     }
     FwdStep<float> s{f.cell, B, H, H, f.gi + t * B * G, gh.data(), f.b_hn, h_new, h_prev, f.c,
-                     f.out + t * B * H, f.ws + t * B * WS, nullptr, f.lengths, t};
+                     f.out + t * B * H, f.ws + t * B * WS, nullptr, f.lengths, t, f.gi_bias};
     at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
       // Serpentine order: every other step walks this thread's blocks backwards, so the weights
       // it streamed last are used first, while they are still in its core's L2. (Walking a slice
       // about the size of L2 in the same order every step misses on every line under LRU.)
       for (int64_t n = 0; n < b1 - b0; ++n) {
         const int64_t jb = (step % 2 == 0) ? b0 + n : b1 - 1 - n;
-        const float* w = wp + jb * H * NG * kBlock;
         const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
+        if (dots) {
+          block_dots<NG>(f.w_hh, hin, H, H, j0, width, gh.data());
+          forward_block<float>(s, 0, j0, j0 + width);
+          continue;
+        }
+        const float* w = wp + jb * H * NG * kBlock;
         for (int64_t k0 = 0; k0 < H; k0 += kChunkK) {
           const int64_t k1 = std::min(H, k0 + kChunkK);
           block_all_rows<NG>(w, hin, H, k0, k1, B, H, j0, width, gh.data());

@@ -134,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
     // 1. The input projection of every step in one GEMM.
     const at::Tensor bias = folded_bias(in, b_ih, b_hh, d.H);
     const at::Tensor x2 = x.view({d.T * d.B, d.I});
-    const at::Tensor gi = bias.defined() ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+    // The packed path (see below) adds the biases in its pointwise step instead of in the GEMM.
+    const bool packed = !cuda && !proj && std::is_same<T, float>::value && d.T >= 4;
+    const at::Tensor gi = (bias.defined() && !packed) ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
     const at::Tensor b_hn =
         (in.cell == Cell::GRU && b_hh.defined()) ? b_hh.narrow(0, 2 * d.H, d.H).contiguous()
                                                  : at::Tensor();
@@ -146,8 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
 
     // The packed path repacks W_hh on every call: worth it over a few steps, not for one (a
     // streaming cell call runs the GEMV + step kernel below).
-    if (!cuda && !proj && std::is_same<T, float>::value && d.T >= 4) {
+    if (packed) {
+      const at::Tensor gi_bias = bias.defined() ? bias.contiguous() : at::Tensor();
       PackedForward f{in.cell, d.T, d.B, d.H, in.reverse, (const float*)gi.data_ptr<T>(),
+                      gi_bias.defined() ? (const float*)gi_bias.data_ptr<T>() : nullptr,
                       (const float*)w_hh.data_ptr<T>(),
                       b_hn.defined() ? (const float*)b_hn.data_ptr<T>() : nullptr,
                       mask.defined() ? (const float*)mask.data_ptr<T>() : nullptr,
@@ -343,7 +347,12 @@ std::array<at::Tensor, 8> backward_impl(const SeqInputs& in, const at::Tensor& g
     g[4] = empty();
   }
   g[5] = (need[5] && in.b_ih.defined()) ? dgi2.sum(0).to(dtype) : empty();
-  g[6] = (need[6] && in.b_hh.defined()) ? dgh2.sum(0).to(dtype) : empty();
+  if (need[6] && in.b_hh.defined()) {
+    // LSTM and plain RNN: both biases have the same gradient (dgh is dgi); sum it once
+    g[6] = (dgh.is_same(dgi) && g[5].defined() && g[5].numel() > 0) ? g[5].clone() : dgh2.sum(0).to(dtype);
+  } else {
+    g[6] = empty();
+  }
   if (need[7] && proj) {
     if (d.T > 0 && d.B > 0) {
       // o * tanh(c) of every step, from the workspace (zero on padding rows)

@@ -169,6 +169,9 @@ def _autograd(spec: _Spec, backward_op):
         ctx.static = [None if t else x for x, t in zip(inputs, is_tensor)]
         ctx.save_for_backward(*[x for x, t in zip(inputs, is_tensor) if t], output[0], output[-1])
         ctx.mark_non_differentiable(output[-1])
+        # Outputs nobody used (the workspace, always) get None, not a materialised zero tensor of
+        # their size: the backward ops take optional gradients.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, *grads):
         saved = list(ctx.saved_tensors)
