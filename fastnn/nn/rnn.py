@@ -46,10 +46,16 @@ def _check_state(name: str, t: Tensor, input: Tensor) -> None:
 
 
 def _check_device(module: nn.Module, input: Tensor) -> None:
-    w = next(iter(module.parameters()), None)
+    flat = getattr(module, "_flat_weights", None)  # nn.RNNBase keeps its weights listed (cheap)
+    w = flat[0] if flat else next(iter(module.parameters()), None)
     if w is not None and w.device != input.device:
         raise ValueError(f"fastnn: argument 'input': expected a tensor on the module's device {w.device}, "
                          f"got one on {input.device}")
+
+
+def _stack(states: list[Tensor]) -> Tensor:
+    """The final states of every layer and direction as one tensor (one of them: a view, no copy)."""
+    return torch.stack(states) if len(states) > 1 else states[0].unsqueeze(0)
 
 
 class _RecurrentBase(nn.RNNBase):
@@ -128,9 +134,11 @@ class _RecurrentBase(nn.RNNBase):
         return torch.stack(outs), h, c
 
     def _layer_weights(self, idx: int) -> tuple:
-        names = self._flat_weights_names
-        per = len(names) // (self.num_layers * (2 if self.bidirectional else 1))
-        ws = [getattr(self, n) for n in names[idx * per:(idx + 1) * per]]
+        # nn.RNNBase keeps _flat_weights in step with the parameters (its __setattr__ and _apply),
+        # as torch's own forward relies on; cheaper than a getattr per name
+        flat = self._flat_weights
+        per = len(flat) // (self.num_layers * (2 if self.bidirectional else 1))
+        ws = flat[idx * per:(idx + 1) * per]
         b_ih, b_hh = (ws[2], ws[3]) if self.bias else (None, None)
         w_hr = ws[-1] if self._kind == "lstm" and self.proj_size > 0 else None
         return ws[0], ws[1], b_ih, b_hh, w_hr
@@ -173,7 +181,7 @@ class _RecurrentBase(nn.RNNBase):
             layer_input = outs[0] if D == 1 else torch.cat(outs, -1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
-        return layer_input, [torch.stack(h_n)] + ([torch.stack(c_n)] if c_n else [])
+        return layer_input, [_stack(h_n)] + ([_stack(c_n)] if c_n else [])
 
     def _zeros(self, input: Tensor, batch: int, width: int) -> Tensor:
         D = 2 if self.bidirectional else 1
