@@ -5,8 +5,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <ATen/Config.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include "rnn/cell_math.h"
@@ -349,6 +353,29 @@ void block_dots(const float* w_hh, const float* hin, int64_t K, int64_t H, int64
   }
 }
 
+// at::parallel_for's tasks run at the same time, one per thread of an OpenMP team, so they may
+// wait for each other. (ATen's native thread pool may run them one after another.)
+constexpr bool kTasksRunConcurrently = AT_PARALLEL_OPENMP;
+
+// A barrier for the tasks of one at::parallel_for over [0, n): a task covering tasks [v0, v1)
+// (all n of them when the call runs inline) counts v1 - v0. The count only grows: generation g
+// opens when it reaches n * g.
+class StepBarrier {
+ public:
+  explicit StepBarrier(int64_t n) : n_(n) {}
+  void arrive_and_wait(int64_t tasks, int64_t generation) {
+    arrived_.fetch_add(tasks, std::memory_order_acq_rel);
+    const int64_t target = n_ * generation;
+    for (int spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins > 4096) std::this_thread::yield();  // an oversubscribed machine: let the others run
+    }
+  }
+
+ private:
+  const int64_t n_;
+  std::atomic<int64_t> arrived_{0};
+};
+
 // Features per pass over the batch: a block's weights for them (kChunkK * NG * 8 floats, 8 KB for
 // an LSTM) stay in L1 while every batch row uses them.
 constexpr int64_t kChunkK = 64;
@@ -363,47 +390,67 @@ void packed_forward(const PackedForward& f) {
   const float* wp = dots ? nullptr : pack_weights(f.w_hh, NG, H, H);
   std::vector<float> gh((size_t)(B * G));
   std::vector<float> hbuf((size_t)(2 * B * H));
-  std::vector<float> hm(f.h_mask ? (size_t)(B * H) : 0);
   std::copy(f.h, f.h + B * H, hbuf.begin());
   // One task per thread, each a fixed range of blocks (the same range every step, so a thread's
   // weights stay in its core's caches); small problems run on one thread.
   const int64_t macs = B * G * H;
   const int64_t threads = macs < 32768 ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = (nb + threads - 1) / threads;
-  int cur = 0;
-  for (int64_t step = 0; step < T; ++step) {
+  std::vector<float> hm(f.h_mask ? (size_t)(threads * B * H) : 0);  // each task's masked state
+
+  // One step for tasks [v0, v1) of `threads`.
+  auto one_step = [&](int64_t v0, int64_t v1, int64_t step) {
+    const int64_t b0 = std::min(nb, v0 * grain), b1 = std::min(nb, v1 * grain);
     const int64_t t = f.reverse ? T - 1 - step : step;
+    const int64_t cur = step % 2;  // double-buffered state: h_prev, then h_new
     const float* h_prev = hbuf.data() + cur * B * H;
     float* h_new = hbuf.data() + (1 - cur) * B * H;
     const float* hin = h_prev;
     if (f.h_mask) {
-      for (int64_t i = 0; i < B * H; ++i) hm[i] = h_prev[i] * f.h_mask[i];
-      hin = hm.data();
+      float* m = hm.data() + v0 * B * H;
+      for (int64_t i = 0; i < B * H; ++i) m[i] = h_prev[i] * f.h_mask[i];
+      hin = m;
     }
     FwdStep<float> s{f.cell, B, H, H, f.gi + t * B * G, gh.data(), f.b_hn, h_new, h_prev, f.c,
                      f.out + t * B * H, f.ws + t * B * WS, nullptr, f.lengths, t, f.gi_bias};
-    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-      // Serpentine order: every other step walks this thread's blocks backwards, so the weights
-      // it streamed last are used first, while they are still in its core's L2. (Walking a slice
-      // about the size of L2 in the same order every step misses on every line under LRU.)
-      for (int64_t n = 0; n < b1 - b0; ++n) {
-        const int64_t jb = (step % 2 == 0) ? b0 + n : b1 - 1 - n;
-        const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
-        if (dots) {
-          block_dots<NG>(f.w_hh, hin, H, H, j0, width, gh.data());
-          forward_block<float>(s, 0, j0, j0 + width);
-          continue;
-        }
-        const float* w = wp + jb * H * NG * kBlock;
-        for (int64_t k0 = 0; k0 < H; k0 += kChunkK) {
-          const int64_t k1 = std::min(H, k0 + kChunkK);
-          block_all_rows<NG>(w, hin, H, k0, k1, B, H, j0, width, gh.data());
-        }
-        for (int64_t b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
+    // Serpentine order: every other step walks this thread's blocks backwards, so the weights
+    // it streamed last are used first, while they are still in its core's L2. (Walking a slice
+    // about the size of L2 in the same order every step misses on every line under LRU.)
+    for (int64_t n = 0; n < b1 - b0; ++n) {
+      const int64_t jb = (step % 2 == 0) ? b0 + n : b1 - 1 - n;
+      const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
+      if (dots) {
+        block_dots<NG>(f.w_hh, hin, H, H, j0, width, gh.data());
+        forward_block<float>(s, 0, j0, j0 + width);
+        continue;
+      }
+      const float* w = wp + jb * H * NG * kBlock;
+      for (int64_t k0 = 0; k0 < H; k0 += kChunkK) {
+        const int64_t k1 = std::min(H, k0 + kChunkK);
+        block_all_rows<NG>(w, hin, H, k0, k1, B, H, j0, width, gh.data());
+      }
+      for (int64_t b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
+    }
+  };
+  if (threads == 1) {
+    for (int64_t step = 0; step < T; ++step) one_step(0, 1, step);
+  } else if (kTasksRunConcurrently) {
+    // One parallel region for the whole sequence, the tasks meeting at a barrier after every step
+    // (the next step reads every task's part of h_new and overwrites h_prev): a fork and a join
+    // per step would cost about a tenth of a batch-1 step.
+    StepBarrier barrier(threads);
+    at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) {
+      for (int64_t step = 0; step < T; ++step) {
+        one_step(v0, v1, step);
+        barrier.arrive_and_wait(v1 - v0, step + 1);
       }
     });
-    cur = 1 - cur;
+  } else {
+    for (int64_t step = 0; step < T; ++step) {
+      at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) { one_step(v0, v1, step); });
+    }
   }
+  const int64_t cur = T % 2;
   std::copy(hbuf.begin() + cur * B * H, hbuf.begin() + (cur + 1) * B * H, f.h);
 }
 

@@ -102,6 +102,30 @@ def test_seq_forward_backward_matches_reference(backend, device_for, kind, shape
         testing.assert_close(a, e, dtype=dtype)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(7, 1, 8, 100), (5, 4, 8, 100)], ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("cfg", [dict(), dict(lengths=True, reverse=True, mask=True)], ids=_cfg_id)
+def test_cpu_sequence_split_over_threads(kind, shape, cfg):
+    """The CPU's float32 sequence path splits the hidden units over threads (problems big enough
+    for it: these shapes) and runs every step in one parallel region; batch 1 takes its dot-product
+    kernel. Forward results against the reference, with two threads."""
+    args = make_args(kind, *shape, dtype=torch.float32, **cfg)
+    # weights at torch's scale (~1/sqrt(H)): make_args's would make a plain RNN of this width
+    # explode, and compare float32 rounding instead of kernels
+    w = 3 if kind == "lstm" else 2
+    args[w], args[w + 1] = args[w] / shape[3] ** 0.5, args[w + 1] / shape[3] ** 0.5
+    testing.backend_or_skip(seq_op(kind), "cpu", *args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with backends.force("cpu"):
+            got = seq_op(kind)(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(got, ref_fn(kind)(*args)):
+        testing.assert_close(a, e, dtype=torch.float32)
+
+
 def _backward_args(kind, args, cell=False):
     """(op, ref, full argument list) of the backward op for forward ``args``."""
     fwd = ref_fn(kind)(*args)
