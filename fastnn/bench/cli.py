@@ -91,7 +91,8 @@ def run_case(c: Case, device: torch.device, *, rounds: int, budget_s: float, clo
     return row
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The table's header and one row of cells per result."""
     head = ["case", "dtype", "shape", "torch baseline", "torch ms", "fastnn ms", "speedup", "goal", "max rel err",
             "throughput"]
     lines = []
@@ -111,15 +112,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append([r["case"], r["dtype"], r["shape"], r["baseline"], _fmt_ms(r["baseline_ms"]),
                       _fmt_ms(r["fastnn_ms"]), f"{r['speedup']:.2f}x" if r["speedup"] else "-",
                       (r["goal"] or "") + met, "-" if err is None else f"{err:.1e}", thr])
+    return head, lines
+
+
+def _footnotes(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        for k, v in (r.get("others_ms") or {}).items():
+            out.append(f"{r['case']}: {k} {_fmt_ms(v)}")
+        if r.get("note"):
+            out.append(f"{r['case']}: {r['note']}")
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head, lines = _cells(rows)
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
-    for r in rows:
-        for k, v in (r.get("others_ms") or {}).items():
-            out.append(f"  {r['case']}: {k} {_fmt_ms(v)}")
-        if r.get("note"):
-            out.append(f"  {r['case']}: {r['note']}")
+    out += ["  " + n for n in _footnotes(rows)]
+    return "\n".join(out)
+
+
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """The same table in Markdown (for the README)."""
+    head, lines = _cells(rows)
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines]
+    notes = _footnotes(rows)
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
     return "\n".join(out)
 
 
@@ -192,7 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--markdown", metavar="JSON", default=None,
+                   help="print the table of a saved result file in Markdown and exit (runs nothing)")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            saved = json.load(f)
+        print(format_markdown(saved["rows"]))
+        return 0
 
     dev = args.device
     if dev == "auto":

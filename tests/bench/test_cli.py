@@ -31,6 +31,11 @@ def test_quick_run_writes_results(tmp_path, capsys):
     assert data["meta"]["device"] == "cpu" and data["meta"]["torch"]
     assert row["baseline_ms"] > 0 and row["fastnn_ms"] > 0 and row["speedup"] > 0
     assert 0 <= row["max_rel_error"] < 1e-4
+    # the saved file renders as a Markdown table (what the README's table is copied from)
+    assert cli.main(["--markdown", str(json_file)]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| case | dtype |") and md[1].startswith("|---|")
+    assert md[2].startswith("| optim/adamw-small-smoke | float32 |") and f"{row['speedup']:.2f}x" in md[2]
     assert list(tmp_path.glob("*.png")), "the chart was not written"
 
 
