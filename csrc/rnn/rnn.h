@@ -122,6 +122,9 @@ struct PackedForward {
   float* ws;             // [T, B, WS]
 };
 void packed_forward_cpu(const PackedForward& f);
+// y [R] = w [R, K] (row-major) . x [K], float32, parallel over rows: the projection of one input
+// row (a streaming step), where a BLAS GEMV on the transposed weight is several times slower.
+void matvec_cpu(const float* w, int64_t R, int64_t K, const float* x, float* y);
 
 template <typename T>
 void step_forward_cpu(const FwdStep<T>& s);

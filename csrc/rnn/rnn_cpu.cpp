@@ -10,8 +10,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <thread>
+#include <condition_variable>
+#include <mutex>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "rnn/cell_math.h"
 #include "rnn/rnn.h"
@@ -323,34 +327,36 @@ inline Vectorized<float> sum_each(Vectorized<float> (&a)[8]) {
 #endif
 }
 
+// y[r] = w[r, :] . x for the `rows` (at most 8) rows of K starting at w.
+inline void dot_rows(const float* w, int64_t K, int64_t rows, const float* x, float* y) {
+  using V = Vectorized<float>;
+  const float* row[kBlock];
+  for (int64_t r = 0; r < kBlock; ++r) row[r] = w + std::min(r, rows - 1) * K;  // past the end: repeat
+  V acc[kBlock];
+  for (auto& a : acc) a = V(0.f);
+  int64_t k = 0;
+  for (; k + kBlock <= K; k += kBlock) {
+    const V xv = V::loadu(x + k);
+    for (int r = 0; r < kBlock; ++r) acc[r] = at::vec::fmadd(V::loadu(row[r] + k), xv, acc[r]);
+  }
+  if (k < K) {
+    const int n = (int)(K - k);
+    const V xv = V::loadu(x + k, n);
+    for (int r = 0; r < kBlock; ++r) acc[r] = at::vec::fmadd(V::loadu(row[r] + k, n), xv, acc[r]);
+  }
+  const V sums = sum_each(acc);
+  if (rows == kBlock) {
+    sums.store(y);
+  } else {
+    sums.store(y, (int)rows);
+  }
+}
+
 // gh[g*H + j0 .. j0+width) = W_hh[g*H + j0 + r, :] . hin for every gate g (hin: one row of K).
 template <int NG>
 void block_dots(const float* w_hh, const float* hin, int64_t K, int64_t H, int64_t j0, int64_t width,
                 float* gh) {
-  using V = Vectorized<float>;
-  for (int g = 0; g < NG; ++g) {
-    const float* rows[kBlock];
-    for (int64_t r = 0; r < kBlock; ++r) rows[r] = w_hh + (g * H + j0 + std::min(r, width - 1)) * K;
-    V acc[kBlock];
-    for (auto& a : acc) a = V(0.f);
-    int64_t k = 0;
-    for (; k + kBlock <= K; k += kBlock) {
-      const V x = V::loadu(hin + k);
-      for (int r = 0; r < kBlock; ++r) acc[r] = at::vec::fmadd(V::loadu(rows[r] + k), x, acc[r]);
-    }
-    if (k < K) {
-      const int n = (int)(K - k);
-      const V x = V::loadu(hin + k, n);
-      for (int r = 0; r < kBlock; ++r) acc[r] = at::vec::fmadd(V::loadu(rows[r] + k, n), x, acc[r]);
-    }
-    const V sums = sum_each(acc);
-    float* dst = gh + g * H + j0;
-    if (width == kBlock) {
-      sums.store(dst);
-    } else {
-      sums.store(dst, (int)width);
-    }
-  }
+  for (int g = 0; g < NG; ++g) dot_rows(w_hh + (g * H + j0) * K, K, width, hin, gh + g * H + j0);
 }
 
 // at::parallel_for's tasks run at the same time, one per thread of an OpenMP team, so they may
@@ -359,21 +365,40 @@ constexpr bool kTasksRunConcurrently = AT_PARALLEL_OPENMP;
 
 // A barrier for the tasks of one at::parallel_for over [0, n): a task covering tasks [v0, v1)
 // (all n of them when the call runs inline) counts v1 - v0. The count only grows: generation g
-// opens when it reaches n * g.
+// opens when it reaches n * g. A waiter spins for a while (the others are a microsecond away when
+// every thread has a core), then sleeps, so that a busy machine, where the thread it waits for may
+// not be running, does not lose that thread's core to the spinning.
 class StepBarrier {
  public:
   explicit StepBarrier(int64_t n) : n_(n) {}
   void arrive_and_wait(int64_t tasks, int64_t generation) {
-    arrived_.fetch_add(tasks, std::memory_order_acq_rel);
     const int64_t target = n_ * generation;
-    for (int spins = 0; arrived_.load(std::memory_order_acquire) < target; ++spins) {
-      if (spins > 4096) std::this_thread::yield();  // an oversubscribed machine: let the others run
+    if (arrived_.fetch_add(tasks) + tasks >= target) {
+      if (sleepers_.load() > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        opened_.notify_all();
+      }
+      return;
     }
+    for (int spin = 0; spin < kSpins; ++spin) {
+      if (arrived_.load(std::memory_order_acquire) >= target) return;
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    sleepers_.fetch_add(1);  // before the check in wait(): an arrival after it sees a sleeper
+    opened_.wait(lock, [&] { return arrived_.load() >= target; });
+    sleepers_.fetch_sub(1);
   }
 
  private:
+  static constexpr int kSpins = 2000;  // some tens of microseconds
   const int64_t n_;
   std::atomic<int64_t> arrived_{0};
+  std::atomic<int64_t> sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable opened_;
 };
 
 // Features per pass over the batch: a block's weights for them (kChunkK * NG * 8 floats, 8 KB for
@@ -455,6 +480,15 @@ void packed_forward(const PackedForward& f) {
 }
 
 }  // namespace
+
+void matvec_cpu(const float* w, int64_t R, int64_t K, const float* x, float* y) {
+  const int64_t nb = (R + kBlock - 1) / kBlock;
+  // a task reads at least 256 KB of weights: less is not worth waking a thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t)65536 / (kBlock * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) dot_rows(w + b * kBlock * K, K, std::min(kBlock, R - b * kBlock), x, y + b * kBlock);
+  });
+}
 
 void packed_forward_cpu(const PackedForward& f) {
   switch (f.cell) {

@@ -135,8 +135,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
     const at::Tensor bias = folded_bias(in, b_ih, b_hh, d.H);
     const at::Tensor x2 = x.view({d.T * d.B, d.I});
     // The packed path (see below) adds the biases in its pointwise step instead of in the GEMM.
-    const bool packed = !cuda && !proj && std::is_same<T, float>::value && d.T >= 4;
-    const at::Tensor gi = (bias.defined() && !packed) ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+    // At batch 1 it repacks nothing, so it serves any length.
+    const bool packed = !cuda && !proj && std::is_same<T, float>::value && (d.T >= 4 || d.B == 1);
+    at::Tensor gi;
+    if (packed && d.T * d.B <= 2) {
+      // one or two input rows (a streaming step): matrix-vector products, not a GEMM
+      gi = at::empty({d.T * d.B, d.G}, opts);
+      const at::Tensor xc = x2.contiguous(), wc = w_ih.contiguous();
+      for (int64_t r = 0; r < d.T * d.B; ++r) {
+        matvec_cpu((const float*)wc.data_ptr<T>(), d.G, d.I, (const float*)xc.data_ptr<T>() + r * d.I,
+                   (float*)gi.data_ptr<T>() + r * d.G);
+      }
+    } else {
+      gi = (bias.defined() && !packed) ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
+    }
     const at::Tensor b_hn =
         (in.cell == Cell::GRU && b_hh.defined()) ? b_hh.narrow(0, 2 * d.H, d.H).contiguous()
                                                  : at::Tensor();
@@ -146,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
     at::Tensor hpre = proj ? at::zeros({d.B, d.H}, opts) : at::Tensor();
     at::Tensor hp = proj ? at::empty({d.B, d.P}, opts) : at::Tensor();
 
-    // The packed path repacks W_hh on every call: worth it over a few steps, not for one (a
-    // streaming cell call runs the GEMV + step kernel below).
+    // The packed path repacks W_hh on every call above batch 1: worth it over a few steps, not for
+    // one (such a call runs the GEMM + step kernel below).
     if (packed) {
       const at::Tensor gi_bias = bias.defined() ? bias.contiguous() : at::Tensor();
       PackedForward f{in.cell, d.T, d.B, d.H, in.reverse, (const float*)gi.data_ptr<T>(),

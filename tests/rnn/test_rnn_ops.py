@@ -103,12 +103,14 @@ def test_seq_forward_backward_matches_reference(backend, device_for, kind, shape
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(7, 1, 8, 100), (5, 4, 8, 100)], ids=lambda s: "T%dB%dI%dH%d" % s)
+@pytest.mark.parametrize("shape", [(7, 1, 8, 100), (5, 4, 8, 100), (1, 1, 300, 100), (2, 1, 300, 100)],
+                         ids=lambda s: "T%dB%dI%dH%d" % s)
 @pytest.mark.parametrize("cfg", [dict(), dict(lengths=True, reverse=True, mask=True)], ids=_cfg_id)
 def test_cpu_sequence_split_over_threads(kind, shape, cfg):
     """The CPU's float32 sequence path splits the hidden units over threads (problems big enough
     for it: these shapes) and runs every step in one parallel region; batch 1 takes its dot-product
-    kernel. Forward results against the reference, with two threads."""
+    kernel, and one or two input rows their projection as split matrix-vector products. Forward
+    results against the reference, with two threads."""
     args = make_args(kind, *shape, dtype=torch.float32, **cfg)
     # weights at torch's scale (~1/sqrt(H)): make_args's would make a plain RNN of this width
     # explode, and compare float32 rounding instead of kernels
