@@ -143,8 +143,19 @@ def _step_run(kind, H, device) -> Run:
             want = want[0][0] if kind == "lstm" else want[0]
         return testing.max_rel_error(got, want)
 
+    others = {}
+    if device.type == "cpu":
+        # the drop-in comparison on the CPU: torch's own cell with the same weights
+        tcell = _CELLS[kind](H, H).to(device)
+        tcell.load_state_dict(cell.state_dict())
+
+        def torch_cell():
+            with torch.no_grad():
+                return tcell(x[0], cx)
+
+        others[f"nn.{_CELLS[kind].__name__}"] = torch_cell
     return Run(baseline=baseline, baseline_name=f"torch.nn.{_TORCH[kind].__name__} (T=1)", fastnn=fastnn,
-               error=error)
+               error=error, others=others)
 
 
 def _compiled_cell_loop_run(device) -> Run:
@@ -217,6 +228,11 @@ for _kind in ("lstm", "gru"):
     @case("rnn", f"{_kind}_step_B1_H256", shape="one step B=1 H=256", dtype=torch.float32, devices=("cuda",),
           goal="<= 10 us", goal_speedup=(3.5 if _kind == "lstm" else 1.4))
     def _step(device, _kind=_kind):
+        return _step_run(_kind, 256, device)
+
+    @case("rnn", f"{_kind}_step_B1_H256_cpu", shape="one step B=1 H=256", dtype=torch.float32, devices=("cpu",),
+          goal="drop-in: no slower than torch (no TARGETS row)")
+    def _step_cpu(device, _kind=_kind):
         return _step_run(_kind, 256, device)
 
 

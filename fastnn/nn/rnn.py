@@ -48,8 +48,13 @@ def _check_state(name: str, t: Tensor, input: Tensor) -> None:
 def _check_device(module: nn.Module, input: Tensor) -> None:
     flat = getattr(module, "_flat_weights", None)  # nn.RNNBase keeps its weights listed (cheap)
     w = flat[0] if flat else next(iter(module.parameters()), None)
-    if w is not None and w.device != input.device:
-        raise ValueError(f"fastnn: argument 'input': expected a tensor on the module's device {w.device}, "
+    if w is not None:
+        _check_on(w, input)
+
+
+def _check_on(weight: Tensor, input: Tensor) -> None:
+    if weight.device != input.device:
+        raise ValueError(f"fastnn: argument 'input': expected a tensor on the module's device {weight.device}, "
                          f"got one on {input.device}")
 
 
@@ -370,10 +375,10 @@ def _cell_args(cell: nn.RNNCellBase, input: Tensor, hx, n_states: int):
             raise RuntimeError(f"Input batch size {B} doesn't match hidden{i} batch size {s.size(0)}")
         if s.size(1) != cell.hidden_size:
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.size(1)}, expected {cell.hidden_size}")
-    if input.dtype != cell.weight_ih.dtype:
-        raise ValueError(f"fastnn: argument 'input': expected the parameters' dtype {cell.weight_ih.dtype}, "
-                         f"got {input.dtype}")
-    _check_device(cell, input)
+    w = cell.weight_ih
+    if input.dtype != w.dtype:
+        raise ValueError(f"fastnn: argument 'input': expected the parameters' dtype {w.dtype}, got {input.dtype}")
+    _check_on(w, input)
     for i, s in enumerate(states):
         _check_state("hx" if n_states == 1 else ("hx", "cx")[i], s, input)
     return input, states, is_batched
