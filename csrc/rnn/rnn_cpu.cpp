@@ -305,9 +305,7 @@ void block_all_rows(const float* w, const float* hin, int64_t K, int64_t k0, int
   if (b < B) block_products<NG, NG, 1>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, 0);
 }
 
-// Batch 1: dot products of W_hh's rows (its own row-major layout, so nothing is repacked) with
-// the one state row. Eight rows at a time: eight independent FMA chains, one load of the state
-// per eight weight loads, and one vector of eight sums at the end.
+// The eight horizontal sums of a[0..8) as one vector.
 inline Vectorized<float> sum_each(Vectorized<float> (&a)[8]) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
@@ -327,7 +325,10 @@ inline Vectorized<float> sum_each(Vectorized<float> (&a)[8]) {
 #endif
 }
 
-// y[r] = w[r, :] . x for the `rows` (at most 8) rows of K starting at w.
+// y[r] = w[r, :] . x for the `rows` (at most 8) rows of K starting at w: batch 1's recurrent
+// product on W_hh in its own row-major layout (nothing repacked), and a streaming step's input
+// projection. Eight rows at a time: eight independent FMA chains, one load of x per eight weight
+// loads, one vector of eight sums at the end.
 inline void dot_rows(const float* w, int64_t K, int64_t rows, const float* x, float* y) {
   using V = Vectorized<float>;
   const float* row[kBlock];

@@ -141,9 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const Se
     if (packed && d.T * d.B <= 2) {
       // one or two input rows (a streaming step): matrix-vector products, not a GEMM
       gi = at::empty({d.T * d.B, d.G}, opts);
-      const at::Tensor xc = x2.contiguous(), wc = w_ih.contiguous();
-      for (int64_t r = 0; r < d.T * d.B; ++r) {
-        matvec_cpu((const float*)wc.data_ptr<T>(), d.G, d.I, (const float*)xc.data_ptr<T>() + r * d.I,
+      for (int64_t r = 0; r < d.T * d.B; ++r) {  // x and w_ih are contiguous (to_math)
+        matvec_cpu((const float*)w_ih.data_ptr<T>(), d.G, d.I, (const float*)x2.data_ptr<T>() + r * d.I,
                    (float*)gi.data_ptr<T>() + r * d.G);
       }
     } else {
