@@ -6,7 +6,3 @@
 Each case gives two benchmarks in one group: the torch baseline and fastnn. CUDA timings
 synchronise the device around each call.
 """
-
-import torch
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

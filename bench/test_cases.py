@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fastnn.bench.cases import cases_for
+from fastnn.bench.cases import best_device, cases_for
 
-from conftest import DEVICE
+DEVICE = best_device()
 
 CASES = cases_for(DEVICE.type)
 

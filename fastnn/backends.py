@@ -19,6 +19,7 @@ falls back silently.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ import torch
 
 from . import _extension
 
-__all__ = ["BACKENDS", "BackendError", "Op", "force", "forced", "triton_available", "device_of"]
+__all__ = ["BACKENDS", "BackendError", "Op", "Args", "force", "forced", "triton_available", "device_of"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -157,25 +158,115 @@ class Implementation:
     native: str | None  # the fastnn::<name> op whose compiled kernel this implementation calls
 
 
+class Args(dict):
+    """An op call's arguments by parameter name, defaults filled in; read as ``a.logits`` or
+    ``a["logits"]``. What ``supports`` and ``validate`` receive."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _Binder:
+    """Binds a call's ``(*args, **kwargs)`` to the parameters of the op's reference function, as
+    ``inspect.Signature.bind`` + ``apply_defaults`` would, in a microsecond or two (ops run per
+    recurrent step)."""
+
+    def __init__(self, name: str, fn: Callable[..., Any]):
+        sig = inspect.signature(fn)
+        self.name = name
+        self.signature = sig
+        self.names = tuple(sig.parameters)
+        self.n_positional = sum(1 for p in sig.parameters.values()
+                                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        self.defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not p.empty}
+        for p in sig.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"fastnn.backends.Op({name!r}): the signature function may not take *args/**kwargs")
+
+    def __call__(self, args: tuple, kwargs: dict) -> Args:
+        if len(args) > self.n_positional:
+            raise TypeError(f"{self.name}() takes {self.n_positional} positional arguments but {len(args)} were given")
+        bound = Args(zip(self.names, args))
+        for k, v in kwargs.items():
+            if k in bound:
+                raise TypeError(f"{self.name}() got multiple values for argument {k!r}")
+            if k not in self.defaults and k not in self.names:
+                raise TypeError(f"{self.name}() got an unexpected keyword argument {k!r}")
+            bound[k] = v
+        if len(bound) < len(self.names):
+            for n in self.names:
+                if n not in bound:
+                    if n not in self.defaults:
+                        raise TypeError(f"{self.name}() missing required argument {n!r}")
+                    bound[n] = self.defaults[n]
+        return bound
+
+
+class _LegacyBinder:
+    """TEMPORARY: the call's raw arguments, for ops not yet given a signature."""
+
+    class Raw(Args):
+        pass
+
+    def __call__(self, args: tuple, kwargs: dict) -> Args:
+        raw = self.Raw()
+        raw.args, raw.kwargs = args, kwargs  # type: ignore[attr-defined]
+        return raw
+
+
+def _first_tensor_device(a: Args) -> torch.device:
+    return device_of(*a.values())
+
+
 class Op:
     """One public op with an implementation per backend.
 
-    ``device`` maps the call's arguments to the device that decides the backend (default: the
-    first tensor's). ``preference`` overrides :data:`DEFAULT_PREFERENCE` per device type.
+    ``signature`` is the op's pure-PyTorch reference function: the op takes its parameters (a call
+    is bound to them once, defaults filled in) and shows its signature and docstring in ``help``.
+    ``validate(a)`` checks the bound arguments :class:`Args` once per call, before any backend is
+    chosen, so every backend raises the same error for the same bad input. ``supports(a)`` of an
+    implementation returns None when it can serve the bound arguments, else the reason.
+    ``device(a)`` gives the device that decides the backend (default: the first tensor's).
+    ``preference`` overrides :data:`DEFAULT_PREFERENCE` per device type. Implementations are called
+    with the bound arguments as keywords.
     """
 
-    def __init__(self, name: str, *, device: Callable[..., torch.device] | None = None,
+    def __init__(self, name: str, *, signature: Callable[..., Any] | None = None, validate: Callable[[Args], None] | None = None,
+                 device: Callable[[Args], torch.device] | None = None,
                  preference: dict[str, tuple[str, ...]] | None = None):
         self.name = name
         self.impls: dict[str, Implementation] = {}
-        self._device = device or (lambda *a, **k: device_of(*a, *k.values()))
+        self._validate = validate
         self.preference = dict(DEFAULT_PREFERENCE, **(preference or {}))
+        self.__name__ = name
+        if signature is None:  # TEMPORARY legacy protocol, removed once every family passes signature=
+            self._bind = _LegacyBinder()
+            dev = device or (lambda *a, **k: device_of(*a, *k.values()))
+            self._device = lambda a: dev(*a.args, **a.kwargs)
+            self._legacy = True
+            return
+        self._legacy = False
+        self._bind = _Binder(name, signature)
+        self._device = device or _first_tensor_device
+        self.__signature__ = self._bind.signature
+        self._doc = inspect.getdoc(signature) or ""
+        self._update_doc()
 
-    def register(self, backend: str, *, supports: Callable[..., str | None] | None = None,
+    def _update_doc(self) -> None:
+        if self._legacy:
+            return
+        backends = ", ".join(b for b in BACKENDS if b in self.impls) or "none registered yet"
+        self.__doc__ = (f"{self.name}{self._bind.signature}\n\n{self._doc}\n\n"
+                        f"Backends: {backends} (chosen per call by fastnn.backends; FASTNN_BACKEND forces one).")
+
+    def register(self, backend: str, *, supports: Callable[[Args], str | None] | None = None,
                  native: str | None = None) -> Callable[[Callable], Callable]:
         """Decorator: register ``fn`` as this op's ``backend`` implementation.
 
-        ``supports(*args, **kwargs)`` returns None when it can serve the inputs, else the reason.
+        ``supports(a)`` returns None when it can serve the bound arguments ``a``, else the reason.
         ``native`` names the compiled op it calls (``cpu``/``cuda`` backends).
         """
         if backend not in BACKENDS:
@@ -183,52 +274,75 @@ class Op:
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = Implementation(backend, fn, supports, native)
+            self._update_doc()
             return fn
 
         return deco
 
-    def reason(self, backend: str, *args: Any, **kwargs: Any) -> str | None:
-        """None when ``backend`` can serve these inputs, else why not."""
+    def bind(self, *args: Any, **kwargs: Any) -> Args:
+        """The call's arguments by name, defaults filled in (raises TypeError as a function would)."""
+        return self._bind(args, kwargs)
+
+    def _reason(self, backend: str, a: Args) -> str | None:
         impl = self.impls.get(backend)
         if impl is None:
             return f"fastnn has no {backend} implementation of {self.name}"
-        why = _generic_reason(backend, self._device(*args, **kwargs), impl.native)
+        why = _generic_reason(backend, self._device(a), impl.native)
         if why is None and impl.supports is not None:
-            why = impl.supports(*args, **kwargs)
+            why = impl.supports(*a.args, **a.kwargs) if self._legacy else impl.supports(a)
         return why
 
-    def choose(self, *args: Any, **kwargs: Any) -> str:
-        """The backend this call runs on."""
+    def _choose(self, a: Args) -> str:
         want = forced(self.name)
         if want is not None:
-            why = self.reason(want, *args, **kwargs)
+            why = self._reason(want, a)
             if why is not None:
                 raise BackendError(f"fastnn: {self.name} cannot run on the {want} backend forced by "
                                    f"{_FORCED_BY}: {why}")
             return want
-        device = self._device(*args, **kwargs)
-        order = self.preference.get(device.type, ("reference",))
+        order = self.preference.get(self._device(a).type, ("reference",))
         reasons = []
         for backend in order:
-            why = self.reason(backend, *args, **kwargs)
+            why = self._reason(backend, a)
             if why is None:
                 return backend
             reasons.append(f"{backend}: {why}")
         raise BackendError(f"fastnn: no backend can run {self.name} on these inputs ({'; '.join(reasons)})")
 
+    def _checked(self, args: tuple, kwargs: dict) -> Args:
+        a = self._bind(args, kwargs)
+        if self._validate is not None:
+            self._validate(a)
+        return a
+
+    def reason(self, backend: str, *args: Any, **kwargs: Any) -> str | None:
+        """None when ``backend`` can serve these inputs, else why not."""
+        return self._reason(backend, self._bind(args, kwargs))
+
+    def choose(self, *args: Any, **kwargs: Any) -> str:
+        """The backend this call runs on."""
+        return self._choose(self._bind(args, kwargs))
+
     def available(self, *args: Any, **kwargs: Any) -> list[str]:
         """Every backend that can serve these inputs (for tests and benchmarks)."""
-        return [b for b in BACKENDS if b in self.impls and self.reason(b, *args, **kwargs) is None]
+        a = self._bind(args, kwargs)
+        return [b for b in BACKENDS if b in self.impls and self._reason(b, a) is None]
 
     def call(self, backend: str, *args: Any, **kwargs: Any) -> Any:
         """Run on a given backend (raises BackendError when it cannot serve the inputs)."""
-        why = self.reason(backend, *args, **kwargs)
+        a = self._checked(args, kwargs)
+        why = self._reason(backend, a)
         if why is not None:
             raise BackendError(f"fastnn: {self.name} cannot run on the {backend} backend: {why}")
-        return self.impls[backend].fn(*args, **kwargs)
+        return self._run(backend, a)
+
+    def _run(self, backend: str, a: Args) -> Any:
+        fn = self.impls[backend].fn
+        return fn(*a.args, **a.kwargs) if self._legacy else fn(**a)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.impls[self.choose(*args, **kwargs)].fn(*args, **kwargs)
+        a = self._checked(args, kwargs)
+        return self._run(self._choose(a), a)
 
     def __repr__(self) -> str:
         return f"fastnn.backends.Op({self.name!r}, backends={sorted(self.impls)})"

@@ -1,6 +1,6 @@
 """Test helpers shared by fastnn's test suite and benchmarks.
 
-This module is the one place for tolerances. Two rules (DESIGN.md: Tests):
+This module is the one place for tolerances. Two rules:
 
 * float64 and float32 results are compared elementwise with :func:`assert_close`, at the
   tolerance of the result's dtype (:data:`TOLERANCES`).
@@ -11,10 +11,9 @@ This module is the one place for tolerances. Two rules (DESIGN.md: Tests):
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -22,7 +21,7 @@ from . import backends as _backends
 
 __all__ = [
     "TOLERANCES", "LOW_PRECISION_FACTOR", "Tolerance", "tolerance", "assert_close", "max_rel_error",
-    "assert_error_bounded", "opcheck", "cuda_available",
+    "assert_error_bounded", "opcheck", "backend_or_skip", "run_isolated",
 ]
 
 
@@ -102,10 +101,6 @@ def assert_error_bounded(actual: torch.Tensor, reference64: torch.Tensor, torch_
                           f"{base:.3e} in {torch_same_precision.dtype} (+ floor {floor:.1e})")
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 def opcheck(op: Any, args: tuple, kwargs: dict | None = None, **options: Any) -> dict:
     """``torch.library.opcheck`` on ``op``, raising on failure.
 
@@ -128,21 +123,6 @@ def opcheck(op: Any, args: tuple, kwargs: dict | None = None, **options: Any) ->
     return result
 
 
-@contextlib.contextmanager
-def env(**values: str) -> Iterator[None]:
-    """Set environment variables inside the block."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def backend_or_skip(op: _backends.Op, backend: str, *args: Any, **kwargs: Any) -> None:
     """pytest.skip with the reason when ``backend`` cannot serve these inputs on this machine."""
     import pytest
@@ -150,3 +130,18 @@ def backend_or_skip(op: _backends.Op, backend: str, *args: Any, **kwargs: Any) -
     why = op.reason(backend, *args, **kwargs)
     if why is not None:
         pytest.skip(f"{op.name} on {backend}: {why}")
+
+
+def run_isolated(code: str, *, timeout: float = 120.0, env: dict[str, str] | None = None) -> "subprocess.CompletedProcess[str]":
+    """Run a Python snippet in a fresh interpreter and return its completed process.
+
+    For probes that could crash the interpreter (a segfault, an abort, a heap error): a crash then
+    fails the test that ran it, as a non-zero (negative: the signal) return code, instead of killing
+    the whole test session. The snippet imports what it needs; TRITON_INTERPRET is inherited.
+    """
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=full_env)

@@ -84,6 +84,11 @@ def _load() -> None:
     _LOADED = True
 
 
+def best_device() -> torch.device:
+    """The device the benchmarks run on by default: a GPU when one is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def all_cases() -> list[Case]:
     _load()
     return list(_CASES.values())
