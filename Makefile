@@ -3,7 +3,7 @@
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: env test bench gpu-test clean
+.PHONY: env test bench clean
 
 env:
 	@bash scripts/env.sh >/dev/null

@@ -68,8 +68,8 @@ def _cpu_isa_flags():
 
 
 def _packages():
-    pkgs = find_packages(include=["fastnn", "fastnn.*"])
-    # kernels/triton is installed as fastnn.kernels (DESIGN.md: Layout).
+    pkgs = find_packages(include=["fastnn", "fastnn.*"])  # fastnn/py.typed ships through package_data
+    # kernels/triton is installed as fastnn.kernels.
     return pkgs + ["fastnn.kernels"]
 
 
@@ -139,11 +139,25 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
+def _install_requires(with_extension):
+    """A compiled fastnn._C works only with the torch minor version it was built against (torch's
+    C++ ABI changes between minors): pin it, as torchao and xformers do. A pure-Python install runs
+    on any supported torch."""
+    if not with_extension:
+        return ["torch>=2.6", "numpy"]
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return [f"torch>={major}.{minor},<{major}.{minor + 1}", "numpy"]
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
+    install_requires=_install_requires(bool(ext_modules)),
     packages=_packages(),
     package_dir=_package_dir(),
+    package_data={"fastnn": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

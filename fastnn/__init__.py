@@ -1,9 +1,9 @@
 """fastnn: fused Triton and CUDA kernels behind drop-in torch.nn / torch.optim replacements.
 
-Families (DESIGN.md): optimizers (``fastnn.optim``), recurrent layers (``fastnn.LSTM`` ...),
-Mixture of Experts (``fastnn.MoE``) and quantized edge inference. Ops live in ``fastnn.ops`` (each
-choosing its backend per call, see ``fastnn.backends``); their pure-PyTorch references in
-``fastnn.reference``.
+Families: optimizers (``fastnn.optim``), recurrent layers (``fastnn.LSTM`` ...) and Mixture of
+Experts (``fastnn.MoE``, ``fastnn.distributed.ExpertParallelMoE``). Ops live in ``fastnn.ops``
+(each choosing its backend per call, see ``fastnn.backends``); their pure-PyTorch references in
+``fastnn.reference``. ``fastnn.build_info()`` says what the compiled library provides here.
 """
 
 from . import backends, ops, optim
@@ -13,5 +13,15 @@ from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, MoE, RNNCell
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "__version__",
+__all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "__version__", "distributed",
            "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MoE"]
+
+
+def __getattr__(name: str):
+    # fastnn.distributed imports torch.distributed, which `import fastnn` does not pay for: it loads
+    # on first access.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module 'fastnn' has no attribute {name!r}")

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-__all__ = ["load", "available", "error", "built_with_cuda", "has_kernel", "info", "on_load"]
+__all__ = ["load", "available", "error", "built_with_cuda", "has_kernel", "info", "on_load", "assume_constant"]
 
 _ERROR: str | None = None
 # Run once the library is loaded (families register the fake kernels and autograd of their
@@ -75,11 +75,21 @@ def load():
     return module
 
 
-# The queries below are constant for a process. They are marked so for torch.compile, which then
-# calls them instead of tracing them (tracing would reach importlib and torch._C and break the
-# graph; the first call loads the library), so that backend choice (fastnn.backends) works inside
-# torch.compile(fullgraph=True). Answers are cached: eager calls choose a backend on every op call.
-_constant = torch.compiler.assume_constant_result
+def assume_constant(fn):
+    """Mark ``fn`` as returning a constant for the process, as ``torch.compiler.assume_constant_result``
+    does: torch.compile then calls it instead of tracing it.
+
+    The queries below are such constants. Tracing them would reach importlib and torch._C and break
+    the graph (the first call loads the library); marked, backend choice (fastnn.backends) works
+    inside torch.compile(fullgraph=True). torch's own decorator imports torch._dynamo (over a second
+    of import time), so the mark, the attribute that decorator sets, is set here directly.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Answers are cached: eager calls choose a backend on every op call.
+_constant = assume_constant
 _CACHE: dict = {}
 
 

@@ -94,7 +94,7 @@ def force(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
 _TRITON: dict[str, bool] = {}
 
 
-@torch.compiler.assume_constant_result
+@_extension.assume_constant
 def triton_available() -> bool:
     """Whether Triton imports (it may be absent on CPU-only installs)."""
     if "available" not in _TRITON:
