@@ -50,6 +50,9 @@ fi
 # ccache makes rebuilds of unchanged sources free; torch's build uses it when it is on the PATH.
 # It is not installed here behind the user's back: `apt-get install ccache` (Debian/Ubuntu) brings it.
 command -v ccache >/dev/null 2>&1 || log "ccache not found: every build compiles from scratch (apt-get install ccache)"
+# pip builds in a new temporary folder each time and the compile flags include -g, with which ccache
+# hashes the working folder by default: without this every build would miss the cache.
+export CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-1}
 
 # What to build. FASTNN_BUILD_CUDA unset: the CUDA kernels are built where a GPU can run them (a
 # GPU is visible), not on a machine without one; CI sets FASTNN_BUILD_CUDA=1 so that a CUDA compile
