@@ -118,7 +118,6 @@ def _plan(model: torch.nn.Module, decide: Callable[[torch.nn.Module], Optional[_
 def _run(model: torch.nn.Module, decide, build: bool) -> tuple[torch.nn.Module, ConversionReport]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastnn: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
-    _load_families()
     root, assignments, out = _plan(model, decide, build)
     if build:
         for parent, name, new in assignments:
@@ -127,6 +126,7 @@ def _run(model: torch.nn.Module, decide, build: bool) -> tuple[torch.nn.Module, 
 
 
 def _convert_decider(only: Optional[list[str]]):
+    _load_families()
     convs = registered()
     if only is not None:
         if isinstance(only, str):
@@ -194,6 +194,7 @@ def revert(model: torch.nn.Module, *, report: bool = False) -> torch.nn.Module:
 
 
 def _revert_decider():
+    _load_families()
     convs = {c.fastnn_type: c for c in registered()}
 
     def decide(m: torch.nn.Module) -> Optional[_Decision]:
