@@ -156,9 +156,9 @@ def test_converter_import_errors_are_not_hidden():
     # A broken fastnn integration must raise, not silently drop its conversions.
     code = ("import sys\n"
             "sys.modules['fastnn.integrations.hf_moe'] = None  # importing it raises ImportError\n"
-            "import fastnn\n"
+            "import fastnn, torch\n"
             "try:\n"
-            "    fastnn.convert.names()\n"
+            "    fastnn.convert(torch.nn.Linear(1, 1))\n"
             "except ImportError:\n"
             "    print('raised')\n")
     proc = testing.run_isolated(code)
