@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._checks import fail
 from .convert_registry import Conversion, register, registered, share_hooks
 
 __all__ = ["convert", "revert", "names", "report", "ConversionReport", "Entry", "register", "Conversion"]
@@ -117,7 +118,7 @@ def _plan(model: torch.nn.Module, decide: Callable[[torch.nn.Module], Optional[_
 
 def _run(model: torch.nn.Module, decide, build: bool) -> tuple[torch.nn.Module, ConversionReport]:
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fastnn: argument 'model': expected a torch.nn.Module, got {type(model).__name__}")
+        fail("model", "a torch.nn.Module", type(model).__name__, op="convert", error=TypeError)
     root, assignments, out = _plan(model, decide, build)
     if build:
         for parent, name, new in assignments:
@@ -130,10 +131,10 @@ def _convert_decider(only: Optional[list[str]]):
     convs = registered()
     if only is not None:
         if isinstance(only, str):
-            raise TypeError(f"fastnn.convert: argument 'only': expected a list of conversion names, got {only!r}")
+            fail("only", "a list of conversion names", repr(only), op="convert", error=TypeError)
         unknown = set(only) - {c.name for c in convs}
         if unknown:
-            raise ValueError(f"fastnn.convert: unknown conversion(s) {sorted(unknown)}; known: {names()}")
+            fail("only", f"names of registered conversions {names()}", f"unknown {sorted(unknown)}", op="convert")
     fastnn_types = tuple(c.fastnn_type for c in convs)
 
     def decide(m: torch.nn.Module) -> Optional[_Decision]:
