@@ -48,6 +48,7 @@ def test_root_module_converted():
     lstm = _lstm()
     fast = fastnn.convert(lstm)
     assert isinstance(fast, fastnn.LSTM)
+    assert fastnn.convert(fast) is fast  # converting twice changes nothing
     assert type(fastnn.revert(fast)) is nn.LSTM
 
 
