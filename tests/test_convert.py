@@ -174,3 +174,59 @@ def test_distributed_reachable_after_import_fastnn_without_eager_import():
     proc = testing.run_isolated(code)
     assert proc.returncode == 0, proc.stderr
     assert "ExpertParallelMoE" in proc.stdout
+
+
+# -- property: any tree of modules, shared or not, keeps its shape and Parameters ---------------
+
+_LEAVES = {"LSTM": lambda: nn.LSTM(2, 3), "GRU": lambda: nn.GRU(2, 3), "RNN": lambda: nn.RNN(2, 3),
+           "LSTMCell": lambda: nn.LSTMCell(2, 3), "GRUCell": lambda: nn.GRUCell(2, 3),
+           "Linear": lambda: nn.Linear(2, 3)}
+
+
+def _shape(model):
+    """(path, class) of every name, the sharing (index of the first name of the same object), and
+    the Parameter objects in order, duplicates included."""
+    named = list(model.named_modules(remove_duplicate=False))
+    first = {}
+    sharing = [first.setdefault(id(m), i) for i, (_, m) in enumerate(named)]
+    params = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+    return [(path, type(m)) for path, m in named], sharing, params
+
+
+@pytest.mark.fuzz
+def test_fuzz_convert_revert_keep_sharing_and_parameters():
+    st = pytest.importorskip("hypothesis.strategies")
+    from hypothesis import given
+
+    @st.composite
+    def trees(draw):
+        pool = [_LEAVES[k]() for k in draw(st.lists(st.sampled_from(sorted(_LEAVES)), min_size=1, max_size=4))]
+
+        def build(depth):
+            kind = draw(st.sampled_from(["leaf", "seq", "dict", "list"] if depth < 3 else ["leaf"]))
+            if kind == "leaf":
+                return draw(st.sampled_from(pool))
+            kids = [build(depth + 1) for _ in range(draw(st.integers(0, 3)))]
+            node = {"seq": lambda: nn.Sequential(*kids), "list": lambda: nn.ModuleList(kids),
+                    "dict": lambda: nn.ModuleDict({f"k{i}": k for i, k in enumerate(kids)})}[kind]()
+            if draw(st.booleans()):
+                pool.append(node)  # a container shared by later parents
+            return node
+
+        return build(0)
+
+    @given(trees())
+    def check(model):
+        names, sharing, params = _shape(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing here is left alone
+            fast = fastnn.convert(model)
+        f_names, f_sharing, f_params = _shape(fast)
+        assert f_sharing == sharing and f_params == params
+        for (path, before), (_, after) in zip(names, f_names):
+            assert after is before if before.__module__.startswith("torch.nn.modules.container") or \
+                before is nn.Linear else after is getattr(fastnn, before.__name__), path
+        back = fastnn.revert(fast)
+        assert _shape(back) == (names, sharing, params)
+
+    check()
