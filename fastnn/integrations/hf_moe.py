@@ -101,6 +101,9 @@ class HuggingFaceMoE(MoE):
     family = ""
 
     def __init__(self, block: nn.Module) -> None:
+        reason = _unsupported(block)
+        if reason:
+            raise ValueError(f"fastnn: argument '{type(self).__name__}: block': {reason}")
         gate, experts = block.gate, block.experts
         E, two_i, H = experts.gate_up_proj.shape
         shared = getattr(block, "shared_expert", None)

@@ -125,6 +125,10 @@ def test_unsupported_activation_is_left_alone_with_a_warning():
     with pytest.warns(UserWarning, match=r"moe \(.*OlmoeSparseMoeBlock\): the experts' activation Tanh"):
         fastnn.convert(model)
     assert type(model["moe"]).__name__ == "OlmoeSparseMoeBlock" and isinstance(model["ok"], fastnn.MoE)
+    from fastnn.integrations.hf_moe import HuggingFaceOlmoeMoE
+
+    with pytest.raises(ValueError, match="block'.*activation Tanh"):  # built directly: a clear error
+        HuggingFaceOlmoeMoE(model["moe"])
 
 
 def test_older_transformers_block_is_left_alone_with_a_warning():
