@@ -2,27 +2,30 @@
 
 Supported: ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock`` (with its shared expert),
 ``Qwen3MoeSparseMoeBlock`` and ``OlmoeSparseMoeBlock``, in the fused experts layout of transformers
->= 5 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]). Older releases, whose
-experts are an ``nn.ModuleList``, are left unconverted (``matches`` is False for them).
+>= 5 (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]), with an activation
+fastnn fuses. Other blocks (older releases, whose experts are an ``nn.ModuleList``; other
+activations) are left unconverted, and ``fastnn.convert`` warns, naming them and the reason.
 
 The converted layer is a :class:`fastnn.MoE` that *shares* the block's ``nn.Parameter`` objects
 (an optimizer built before the conversion keeps updating the same tensors) and keeps the
 block's parameter names, so state_dicts move both ways. Its router is an instance of the
-block's own router class as well as of :class:`fastnn.nn.moe.Router`, so Hugging Face's
-``output_router_logits`` hooks (and the model's aux loss) keep working.
+block's own router class as well as of :class:`fastnn.nn.moe.Router`, and shares the hook tables
+of the block's router, so Hugging Face's ``output_router_logits`` capture hooks (and the model's aux
+loss) keep working whether they were installed before the conversion (transformers installs them on
+the first forward that asks for an output) or after it.
 
 ``fastnn.revert`` gives back the original block object, pointed at the current parameters.
 """
 
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..convert import Conversion, register
+from ..convert_registry import Conversion, register, share_hooks
 from ..nn.moe import MoE, Router
 from ..reference.moe import ACTIVATIONS
 
@@ -38,24 +41,22 @@ FAMILIES = {
 
 
 def _block_class(family: str) -> Optional[type]:
+    # A model holding such a block has imported its module already: never import transformers here
+    # (converting a model without any transformers block must not pay for it).
     mod, name = FAMILIES[family]
-    try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError):
-        return None
+    return getattr(sys.modules.get(mod), name, None)
 
 
-def _activation_of(act_fn: nn.Module) -> str:
+def _activation_of(act_fn: nn.Module) -> Optional[str]:
     """fastnn's name for a Hugging Face activation module, found by evaluating it (the block keeps
-    the module, not the config's name)."""
+    the module, not the config's name); None when fastnn fuses no such activation."""
     x = torch.linspace(-6, 6, 241, dtype=torch.float64)
     with torch.no_grad():
         y = act_fn(x)
         for name, fn in ACTIVATIONS.items():
             if torch.allclose(y, fn(x), rtol=1e-6, atol=1e-7):
                 return name
-    raise ValueError(f"fastnn.convert: the experts' activation {type(act_fn).__name__} is not one fastnn fuses "
-                     f"({sorted(ACTIVATIONS)}); leave this block unconverted with convert(model, only=[...])")
+    return None
 
 
 _ROUTER_CLASSES: dict[type, type] = {}
@@ -73,10 +74,25 @@ def _router_class(hf_router_cls: type) -> type:
     return cls
 
 
-def _fused_experts(block: nn.Module) -> bool:
-    e = getattr(block, "experts", None)
-    return isinstance(getattr(e, "gate_up_proj", None), torch.Tensor) and \
-        isinstance(getattr(e, "down_proj", None), torch.Tensor) and hasattr(block, "gate")
+def _unsupported(block: nn.Module) -> Optional[str]:
+    """Why fastnn leaves this block (of a supported class) alone, or None when it converts it."""
+    experts = getattr(block, "experts", None)
+    if isinstance(experts, nn.ModuleList):
+        return ("block of an older transformers: a ModuleList of experts, not converted (fastnn converts "
+                "the fused experts of transformers >= 5)")
+    if not (isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+            and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+            and isinstance(getattr(getattr(block, "gate", None), "weight", None), torch.Tensor)):
+        return "experts not in the fused layout (experts.gate_up_proj, experts.down_proj, gate.weight), not converted"
+    shared = getattr(block, "shared_expert", None)
+    for what, owner in (("experts'", experts), ("shared expert's", shared)):
+        if owner is None:
+            continue
+        act_fn = getattr(owner, "act_fn", None)
+        if not isinstance(act_fn, nn.Module) or _activation_of(act_fn) is None:
+            return (f"the {what} activation {type(act_fn).__name__} is not one fastnn fuses "
+                    f"({sorted(ACTIVATIONS)}), not converted")
+    return None
 
 
 class HuggingFaceMoE(MoE):
@@ -85,6 +101,9 @@ class HuggingFaceMoE(MoE):
     family = ""
 
     def __init__(self, block: nn.Module) -> None:
+        reason = _unsupported(block)
+        if reason:
+            raise ValueError(f"fastnn: argument '{type(self).__name__}: block': {reason}")
         gate, experts = block.gate, block.experts
         E, two_i, H = experts.gate_up_proj.shape
         shared = getattr(block, "shared_expert", None)
@@ -98,6 +117,7 @@ class HuggingFaceMoE(MoE):
         router = _router_class(type(gate))(H, E, device="meta")
         router.top_k = self.top_k
         router.weight = gate.weight
+        share_hooks(gate, router)
         self.gate = router
         self.experts.gate_up_proj = experts.gate_up_proj
         self.experts.down_proj = experts.down_proj
@@ -140,12 +160,13 @@ def _register(family: str) -> None:
     cls.__qualname__ = cls.__name__
     globals()[cls.__name__] = cls
 
-    def matches(m: nn.Module) -> bool:
+    def candidate(m: nn.Module) -> bool:
         block_cls = _block_class(family)
-        return block_cls is not None and isinstance(m, block_cls) and _fused_experts(m)
+        return block_cls is not None and isinstance(m, block_cls)
 
-    register(Conversion(name=name, matches=matches, to_fastnn=cls, fastnn_type=cls,
-                        to_original=lambda m: m.to_hf()))
+    register(Conversion(name=name, matches=lambda m: candidate(m) and _unsupported(m) is None, to_fastnn=cls,
+                        fastnn_type=cls, to_original=lambda m: m.to_hf(),
+                        explain=lambda m: _unsupported(m) if candidate(m) else None))
 
 
 for _family in FAMILIES:

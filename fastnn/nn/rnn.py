@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import ops
-from ..convert import Conversion, register
+from ..convert_registry import Conversion, register
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
@@ -462,4 +462,6 @@ for _torch_cls, _fastnn_cls in [(nn.LSTM, LSTM), (nn.GRU, GRU), (nn.RNN, RNN), (
         to_fastnn=_to_fastnn(_fastnn_cls),
         fastnn_type=_fastnn_cls,
         to_original=_to_torch(_torch_cls),
+        explain=(lambda c: lambda m: f"a subclass of torch.nn.{c.__name__} (its forward may differ), not converted"
+                 if isinstance(m, c) and type(m) is not c else None)(_torch_cls),
     ))

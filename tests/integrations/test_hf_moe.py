@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
 
 
-def _config(family):
-    common = dict(hidden_size=32, num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4,
+def _config(family, layers=1):
+    common = dict(hidden_size=32, num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
     if family == "mixtral":
         return MixtralConfig(intermediate_size=40, num_local_experts=6, **common)
@@ -119,19 +119,146 @@ def test_whole_model_router_logits_and_aux_loss():
     assert not any(isinstance(m, fastnn.MoE) for m in model.modules())
 
 
-def test_unsupported_activation_is_a_clear_error():
-    block = _block("olmoe")
-    block.experts.act_fn = torch.nn.Tanh()
-    with pytest.raises(ValueError, match="activation"):
-        fastnn.convert(block)
+def test_unsupported_activation_is_left_alone_with_a_warning():
+    model = torch.nn.ModuleDict({"moe": _block("olmoe"), "ok": _block("mixtral")})
+    model["moe"].experts.act_fn = torch.nn.Tanh()
+    with pytest.warns(UserWarning, match=r"moe \(.*OlmoeSparseMoeBlock\): the experts' activation Tanh"):
+        fastnn.convert(model)
+    assert type(model["moe"]).__name__ == "OlmoeSparseMoeBlock" and isinstance(model["ok"], fastnn.MoE)
+    from fastnn.integrations.hf_moe import HuggingFaceOlmoeMoE
+
+    with pytest.raises(ValueError, match="block'.*activation Tanh"):  # built directly: a clear error
+        HuggingFaceOlmoeMoE(model["moe"])
+
+
+def test_older_transformers_block_is_left_alone_with_a_warning():
+    """A block of an older transformers (experts in a ModuleList) is named in a warning and the report."""
+    model = torch.nn.ModuleDict({"layer": _block("mixtral")})
+    model["layer"].experts = torch.nn.ModuleList([torch.nn.Linear(32, 32) for _ in range(2)])
+    out = fastnn.convert.report(model)
+    assert [(e.path, e.action) for e in out] == [("layer", "left alone")]
+    assert "ModuleList of experts" in out[0].reason
+    with pytest.warns(UserWarning, match=r"layer \(.*MixtralSparseMoeBlock\): block of an older transformers"):
+        fastnn.convert(model)
+    assert not isinstance(model["layer"], fastnn.MoE)
 
 
 def test_convert_only_named_families():
-    from fastnn.convert import names
+    names = fastnn.convert.names
 
     assert {"hf_mixtral", "hf_qwen2_moe", "hf_qwen3_moe", "hf_olmoe"} <= set(names())
     model = torch.nn.ModuleDict({"a": _block("mixtral"), "b": _block("olmoe")})
     fastnn.convert(model, only=["hf_olmoe"])
     assert not isinstance(model["a"], fastnn.MoE) and isinstance(model["b"], fastnn.MoE)
-    with pytest.raises(ValueError, match="unknown conversion"):
+    with pytest.raises(ValueError, match="unknown"):
         fastnn.convert(model, only=["mixtral"])
+
+
+CAUSAL_LM = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+LAYERS = 2
+
+
+def _causal_lm(family, dtype=torch.float64):
+    cfg = _config(family, layers=LAYERS)
+    cfg.router_aux_loss_coef = 0.02
+    cfg._experts_implementation = "eager"  # HF's grouped_mm path has no float64
+    torch.manual_seed(0)
+    return getattr(transformers, CAUSAL_LM[family])(cfg).to(dtype).eval()
+
+
+def _check_router_outputs(model, want, ids):
+    got = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert len(got.router_logits) == LAYERS
+    for a, b in zip(got.router_logits, want.router_logits):
+        testing.assert_close(a, b, dtype=HF)
+    testing.assert_close(got.logits, want.logits, dtype=HF)
+    testing.assert_close(got.aux_loss, want.aux_loss, dtype=HF)
+
+
+# Points of a model's life at which it is converted: what runs before ``fastnn.convert``.
+def _plain_forward(model, ids):
+    model(input_ids=ids)
+
+
+def _router_forward(model, ids):  # installs transformers' output capture hooks
+    model(input_ids=ids, output_router_logits=True)
+
+
+def _no_grad_forward(model, ids):
+    with torch.no_grad():
+        model(input_ids=ids, output_router_logits=True)
+
+
+LIFE = {"before_forward": lambda model, ids: None, "after_forward": _plain_forward,
+        "after_router_forward": _router_forward, "inside_no_grad": _no_grad_forward}
+
+
+@pytest.mark.parametrize("when", sorted(LIFE))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_and_revert_at_any_point_keep_router_logits(family, when):
+    """output_router_logits and the aux loss work after convert and after revert, whether transformers
+    installed its capture hooks before the conversion, while converted, or after the revert."""
+    model = _causal_lm(family)
+    want = _causal_lm(family)(input_ids=(ids := torch.randint(0, 64, (2, 9))), labels=ids,
+                              output_router_logits=True)
+    LIFE[when](model, ids)
+    if when == "inside_no_grad":
+        with torch.no_grad():
+            fastnn.convert(model)
+    else:
+        fastnn.convert(model)
+    assert sum(isinstance(m, fastnn.MoE) for m in model.modules()) == LAYERS
+    _check_router_outputs(model, want, ids)
+    fastnn.revert(model)
+    assert not any(isinstance(m, fastnn.MoE) for m in model.modules())
+    _check_router_outputs(model, want, ids)
+    fastnn.convert(model)
+    _check_router_outputs(model, want, ids)
+
+
+@pytest.mark.parametrize("order", ["to_then_convert", "convert_then_to"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_before_or_after_to(family, order):
+    """``.to(dtype)`` before or after the conversion: the layer follows the model (a device move is the
+    same ``Module._apply``; test_convert_before_or_after_to_cuda moves it to a GPU)."""
+    model = _causal_lm(family, torch.float32)
+    want = _causal_lm(family)(input_ids=(ids := torch.randint(0, 64, (2, 9))), labels=ids,
+                              output_router_logits=True)
+    _router_forward(model, ids)
+    if order == "to_then_convert":
+        fastnn.convert(model.to(torch.float64))
+    else:
+        fastnn.convert(model).to(torch.float64)
+    _check_router_outputs(model, want, ids)
+    fastnn.revert(model)
+    _check_router_outputs(model, want, ids)
+
+
+GPU_TOL = torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["to_then_convert", "convert_then_to"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_before_or_after_to_cuda(family, order):
+    """Moved to the GPU before or after the conversion (float32 there: HF's routers are float32), then
+    back: the converted layer runs on the model's device, and revert gives HF's block on it."""
+    model = _causal_lm(family, torch.float32)
+    ref = _causal_lm(family, torch.float32).cuda()
+    ids = torch.randint(0, 64, (2, 9), device="cuda")
+    want = ref(input_ids=ids, labels=ids, output_router_logits=True)
+    if order == "to_then_convert":
+        fastnn.convert(model.cuda())
+    else:
+        fastnn.convert(model).cuda()
+    assert all(p.is_cuda for p in model.parameters())
+    got = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert len(got.router_logits) == LAYERS
+    # What is checked is where things run; GPU GEMMs may use TF32, hence the loose tolerance.
+    testing.assert_close(got.logits, want.logits, dtype=GPU_TOL, msg="logits")
+    testing.assert_close(got.aux_loss, want.aux_loss, dtype=GPU_TOL, msg="aux_loss")
+    fastnn.revert(model)
+    assert all(p.is_cuda for p in model.parameters())
+    got = model.cpu()(input_ids=ids.cpu(), labels=ids.cpu(), output_router_logits=True)
+    testing.assert_close(got.logits, want.logits.cpu(), dtype=GPU_TOL, msg="logits after revert")
