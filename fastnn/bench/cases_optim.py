@@ -89,7 +89,8 @@ def _adamw_run(shapes, dtype, device, *, clip: float | None = None, with_slow_ba
     states = 2
     nbytes = _nbytes(params, states=states)
     return Run(baseline=baseline, baseline_name=name, fastnn=fast.step, error=error, others=others, bytes=nbytes,
-               note=f"{_size(shapes)}; GB/s counts {nbytes / 1e9:.2f} GB per step (param, exp_avg, exp_avg_sq read+written, grad read)")
+               note=f"{_size(shapes)}; GB/s counts {nbytes / 1e9:.2f} GB per step "
+                    "(param, exp_avg, exp_avg_sq read+written, grad read)")
 
 
 def adamw_update_error(shapes, dtype, device, clip: float | None = None, steps: int = 3) -> float:
