@@ -154,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ctx", type=int, default=128, help="sequence length in bytes (default: 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
     p.add_argument("--device", default="cpu", help="where to train: cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="parameter and activation dtype (default: float32)")
     p.add_argument("--impl", default="both", choices=["both", "fastnn", "hf_loop"],
@@ -177,6 +178,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Train the implementations that ``args.impl`` names and print the report; returns each one's
     results (``losses`` per step, ``val_loss``, ``tokens_per_s``, ``expert_share`` ...)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = stdlib_bytes(args.data_bytes)
     print(f"data: {len(data) / 1e6:.1f} MB of standard-library source; device {device}, {dtype}, "
           f"{torch.get_num_threads()} threads; {args.steps} steps of {args.batch} x {args.ctx} bytes")

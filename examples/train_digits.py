@@ -88,8 +88,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=30, help="training epochs of each run (default: 30)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to train: cpu or cuda (default: cuda when a GPU is visible)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     x_tr, y_tr, x_te, y_te = data(device)
     base = mlp().to(device)
     optimizers = {"torch.optim.AdamW": torch.optim.AdamW, "fastnn.optim.AdamW": fastnn.optim.AdamW}

@@ -7,6 +7,9 @@ import math
 import pathlib
 import re
 
+import pytest
+import torch
+
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "moe_language_model.py"
 
 
@@ -17,11 +20,21 @@ def _load():
     return module
 
 
-def test_quick_run_learns_and_matches_the_loop(capsys):
+@pytest.fixture
+def one_thread():
+    """One thread: on a machine shared with other jobs, two OpenMP threads spin-wait for each other
+    and the run takes 20x longer. What the test checks does not depend on the thread count."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_learns_and_matches_the_loop(capsys, one_thread):
     module = _load()
-    args = module.parse_args(["--quick", "--log-every", "4"])
+    args = module.parse_args(["--quick", "--log-every", "4", "--threads", "1"])
     assert (args.steps, args.batch, args.ctx) == tuple(module.QUICK[k] for k in ("steps", "batch", "ctx"))
     fast, loop = module.run(args)
+    assert torch.get_num_threads() == 1
     out = capsys.readouterr().out
     assert len(re.findall(r"^  fastnn +step +\d+/\d+ +loss \d", out, re.M)) == args.steps // 4, out
     assert len(re.findall(r"^  hf_loop +step", out, re.M)) == args.steps // 4
