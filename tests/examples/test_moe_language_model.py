@@ -2,39 +2,18 @@
 it trains, and fastnn.MoE follows the Hugging Face-style loop step for step."""
 
 import ast
-import importlib.util
 import math
-import pathlib
 import re
 
-import pytest
-import torch
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "moe_language_model.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("moe_language_model", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def one_thread():
-    """One thread: on a machine shared with other jobs, two OpenMP threads spin-wait for each other
-    and the run takes 20x longer. What the test checks does not depend on the thread count."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from ._examples import EXAMPLES, load_example, one_thread  # noqa: F401 (a fixture)
 
 
 def test_quick_run_learns_and_matches_the_loop(capsys, one_thread):
-    module = _load()
-    args = module.parse_args(["--quick", "--log-every", "4", "--threads", "1"])
+    module = load_example("moe_language_model")
+    args = module.parse_args(["--quick", "--log-every", "4"])
     assert (args.steps, args.batch, args.ctx) == tuple(module.QUICK[k] for k in ("steps", "batch", "ctx"))
     fast, loop = module.run(args)
-    assert torch.get_num_threads() == 1
     out = capsys.readouterr().out
     assert len(re.findall(r"^  fastnn +step +\d+/\d+ +loss \d", out, re.M)) == args.steps // 4, out
     assert len(re.findall(r"^  hf_loop +step", out, re.M)) == args.steps // 4
@@ -51,7 +30,7 @@ def test_quick_run_learns_and_matches_the_loop(capsys, one_thread):
 
 
 def test_every_flag_of_every_example_has_a_description():
-    for path in sorted(EXAMPLE.parent.glob("*.py")):
+    for path in sorted(EXAMPLES.glob("*.py")):
         calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
                  and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"]
         assert calls, f"{path.name} has no command-line flags"

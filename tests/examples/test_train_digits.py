@@ -1,32 +1,18 @@
 """examples/train_digits.py runs end to end: >= 95% test accuracy, loss curve equal to torch's, and a
 training time that is not the first run's warm-up."""
 
-import importlib.util
-import pathlib
 import re
 import time
 
 import pytest
-import torch
+
+from ._examples import load_example, one_thread  # noqa: F401 (a fixture)
 
 pytest.importorskip("sklearn", reason="scikit-learn provides the digits data")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "train_digits.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_train_digits(capsys):
-    threads = torch.get_num_threads()
-    try:  # one thread: on a shared machine two OpenMP threads spin-wait for each other
-        assert _load().main(["--epochs", "30", "--device", "cpu", "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+def test_train_digits(capsys, one_thread):
+    assert load_example("train_digits").main(["--epochs", "30", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "OK" in out
     m = re.search(r"time per epoch .*: torch ([\d.]+) ms, fastnn ([\d.]+) ms", out)
@@ -36,7 +22,7 @@ def test_train_digits(capsys):
 def test_timing_warms_up_and_alternates():
     """The first training ever run pays one-off costs (here 0.3 s on its first epoch): they must
     land in the warm-up, and the timed runs must take turns."""
-    module = _load()
+    module = load_example("train_digits")
     calls, made = [], []
 
     def make(name, epochs):
