@@ -5,7 +5,6 @@ import ast
 import math
 import re
 
-
 from ._examples import EXAMPLES, load_example, one_thread  # noqa: F401 (a fixture)
 
 
