@@ -25,7 +25,7 @@ def fmt_num(v: float | None) -> str:
     if v >= 100:
         return f"{v:.0f}"
     if v >= 1e-3:
-        return f"{v:.3g}" if v < 1 else f"{v:.{2 - int(v >= 10)}f}"
+        return f"{v:#.3g}" if v < 1 else f"{v:.{2 - int(v >= 10)}f}"
     return f"{v:.2e}"
 
 
@@ -37,8 +37,10 @@ def fmt_err(v: float | None) -> str:
 def _goal_cell(r: dict[str, Any]) -> str:
     if not r.get("goal"):
         return ""
-    met = {True: " (met)", False: " (missed)"}.get(r.get("goal_met"), " (n/a here)")
-    return r["goal"] + met
+    met = r.get("goal_met")
+    if met is None:  # a goal in words only, or one whose baseline this run did not have
+        return r["goal"] + (" (n/a here)" if r.get("goal_speedup") is not None else "")
+    return r["goal"] + (" (met)" if met else " (missed)")
 
 
 def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], set[int]]:

@@ -98,6 +98,7 @@ def test_one_unit_per_column():
     assert "0.176" in body and "0.0956" in body and "86.2" in body and "12.0" in body
     assert "5.7e-06" in body and "5.692323532438873e-06" not in table
     assert "a: torch loop 86.2 ms" in table  # the footnote names its unit
+    assert [report.fmt_num(v) for v in (0.12, 0.0956, 1.0, 12.0, 203.4)] == ["0.120", "0.0956", "1.00", "12.0", "203"]
 
 
 def test_progress_line_formats_the_error():
