@@ -106,7 +106,7 @@ def test_progress_line_formats_the_error():
     row["timings_ms"] = {"baseline": {"q1": 0.17, "q3": 0.18}, "fastnn": {"q1": 0.09, "q3": 0.1}}
     line = cli.progress_line(row)
     assert "max rel err 5.7e-06" in line and "5.692323532438873e-06" not in line
-    assert "torch 0.176 ms [0.17-0.18]" in line and "fastnn 0.0956 ms [0.09-0.1]" in line
+    assert "torch 0.176 ms [0.170-0.180]" in line and "fastnn 0.0956 ms [0.0900-0.100]" in line
 
 
 def test_chart_colours_bars_by_the_goal():
