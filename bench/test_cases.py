@@ -32,7 +32,8 @@ def test_case(benchmark, prepared, impl):
     fn = run.baseline if impl == "torch" else run.fastnn
     benchmark.group = f"{case.id} ({case.shape}, {str(case.dtype).replace('torch.', '')}, {DEVICE.type})"
     benchmark.extra_info.update(case=case.id, impl=run.baseline_name if impl == "torch" else "fastnn",
-                                shape=case.shape, dtype=str(case.dtype), device=DEVICE.type, goal=case.goal)
+                                shape=case.shape, dtype=str(case.dtype), device=DEVICE.type,
+                                goal=str(case.goal or ""))
     benchmark.pedantic(_synchronised(fn), warmup_rounds=3, rounds=20, iterations=1)
     if impl == "fastnn" and run.error is not None:
         err = run.error()

@@ -98,8 +98,9 @@ def rmse_levels(model, x, last, target, stats) -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--finetune-epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs on the CO2 series (default: 15)")
+    p.add_argument("--finetune-epochs", type=int, default=40,
+                   help="epochs fine-tuning the head on the sunspot series (default: 40)")
     p.add_argument("--quick", action="store_true", help="3 + 5 epochs on the first 600 CO2 windows (smoke test)")
     args = p.parse_args(argv)
     if args.quick:

@@ -85,7 +85,8 @@ def errors(model, x):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=60,
+                   help="training epochs of the autoencoder on the normal windows (default: 60)")
     p.add_argument("--quick", action="store_true", help="6 epochs (smoke test)")
     args = p.parse_args(argv)
     if args.quick:

@@ -3,8 +3,10 @@ fastnn.optim.AdamW on the Python standard library's own source (text every machi
 
 The same model is trained twice from the same initialisation: once with ``fastnn.MoE`` and once
 with the Hugging Face-style per-expert loop (same parameters, same routing), and the script
-reports loss, tokens per second and expert utilisation for both.
+reports loss, tokens per second and expert utilisation for both, and how far apart their loss
+curves are (they start equal; rounding differences may later pick different experts).
 
+    python examples/moe_language_model.py --quick               # smoke test, seconds
     python examples/moe_language_model.py --steps 60            # CPU, about a minute or two
     python examples/moe_language_model.py --device cuda --steps 300 --dtype bfloat16
 """
@@ -103,6 +105,7 @@ class MoELM(nn.Module):
 
 
 def train(impl: str, data: torch.Tensor, args, device, dtype) -> dict:
+    """Train one model; prints progress every ``args.log_every`` steps."""
     torch.manual_seed(0)
     model = MoELM(loop=impl == "hf_loop", ctx=args.ctx).to(device=device, dtype=dtype)
     opt = AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -128,30 +131,58 @@ def train(impl: str, data: torch.Tensor, args, device, dtype) -> dict:
             tokens += batch[:, :-1].numel()
         losses.append(float(loss.detach()))
         load += sum(m.router_stats["tokens_per_expert"].float().cpu() for m in model.moes)
+        if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+            rate = f"{tokens / seconds:,.0f} tokens/s" if seconds else "warming up"
+            print(f"  {impl:8s} step {step + 1:4d}/{args.steps}  loss {losses[-1]:.3f}  {rate}", flush=True)
     with torch.no_grad():  # held-out loss on the last 10% of the text
         starts = torch.arange(n_train, len(data) - args.ctx - 1, args.ctx)[:64]
         batch = torch.stack([data[s:s + args.ctx + 1] for s in starts]).to(device)
         val = F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, 256), batch[:, 1:].reshape(-1))
     share = load / load.sum()
-    return {"impl": impl, "first_loss": losses[0], "final_loss": sum(losses[-5:]) / 5, "val_loss": float(val),
-            "tokens_per_s": tokens / max(seconds, 1e-9), "expert_share": share.tolist(),
+    return {"impl": impl, "losses": losses, "first_loss": losses[0],
+            "final_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": float(val), "tokens_per_s": tokens / max(seconds, 1e-9), "expert_share": share.tolist(),
             "utilisation_entropy": float(-(share * share.clamp_min(1e-12).log()).sum() / math.log(len(share)))}
 
 
-def main() -> None:
+QUICK = dict(steps=20, batch=8, ctx=64, data_bytes=300_000)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--ctx", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--impl", default="both", choices=["both", "fastnn", "hf_loop"])
-    args = p.parse_args()
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per model (default: 60)")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
+    p.add_argument("--ctx", type=int, default=128, help="sequence length in bytes (default: 128)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default: 2e-3)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameter and activation dtype (default: float32)")
+    p.add_argument("--impl", default="both", choices=["both", "fastnn", "hf_loop"],
+                   help="train with fastnn.MoE, the Hugging Face-style loop over experts, or both (default)")
+    p.add_argument("--data-bytes", type=int, default=4_000_000,
+                   help="bytes of standard-library source to train on (default: 4000000)")
+    p.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="print the loss every N steps (default: ten times per run; 0: never)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if args.log_every is None:
+        args.log_every = max(1, args.steps // 10)
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Train the implementations that ``args.impl`` names and print the report; returns each one's
+    results (``losses`` per step, ``val_loss``, ``tokens_per_s``, ``expert_share`` ...)."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    data = stdlib_bytes(4_000_000)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = stdlib_bytes(args.data_bytes)
     print(f"data: {len(data) / 1e6:.1f} MB of standard-library source; device {device}, {dtype}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; {args.steps} steps of {args.batch} x {args.ctx} bytes")
     impls = ["fastnn", "hf_loop"] if args.impl == "both" else [args.impl]
     results = [train(i, data, args, device, dtype) for i in impls]
     for r in results:
@@ -160,8 +191,17 @@ def main() -> None:
               f"{r['tokens_per_s']:,.0f} tokens/s  expert share [{share}] "
               f"(normalised entropy {r['utilisation_entropy']:.3f})")
     if len(results) == 2:
+        gap = max(abs(a - b) for a, b in zip(results[0]["losses"], results[1]["losses"]))
+        print(f"largest loss difference between fastnn and the HF loop: {gap:.2e}")
         print(f"fastnn / HF loop throughput: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    results = run(parse_args(argv))
+    finite = all(math.isfinite(v) for r in results for v in r["losses"] + [r["val_loss"]])
+    return 0 if finite else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -5,6 +5,14 @@ A family registers its cases in ``fastnn/bench/cases_<family>.py`` with :func:`c
 imports every such file. A case builds a :class:`Run` on a device: the torch baseline, the fastnn
 implementation, how to compute fastnn's error against the reference, and the work done (bytes,
 FLOPs) for bandwidth and throughput columns.
+
+A case's :class:`Goal` is a speedup over the case's torch baseline **measured in the same run**:
+absolute times drift from machine to machine and run to run, ratios much less. Each goal says
+what it was derived from (``Goal.basis``): the baseline's time on the reference machine and the
+absolute goal there. Reference machines: GPU cases, one H100 80GB (PyTorch 2.11, CUDA 13.0,
+``triton.testing.do_bench`` medians); CPU cases, a 2-core AVX2 machine at 2 threads (PyTorch 2.13).
+``fastnn-bench --list`` prints every goal with its basis; the results table shows whether each
+was met.
 """
 
 from __future__ import annotations
@@ -16,7 +24,18 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Case", "Run", "case", "all_cases", "cases_for"]
+__all__ = ["Case", "Goal", "Run", "case", "all_cases", "cases_for"]
+
+
+@dataclass(frozen=True)
+class Goal:
+    """fastnn must be at least ``speedup`` times as fast as the case's baseline in the same run."""
+
+    speedup: float
+    basis: str  # where the ratio comes from, e.g. "H100: torch fused 1.34 ms; goal <= 1.20 ms"
+
+    def __str__(self) -> str:
+        return f">= {self.speedup:.3g}x"
 
 
 @dataclass
@@ -34,6 +53,9 @@ class Run:
     bytes: int | None = None  # fewest bytes the op must move: gives GB/s
     flops: int | None = None  # floating-point operations: gives TFLOP/s
     note: str = ""  # shown under the table, e.g. how the inputs rotate
+    # False when this run's baseline is not the one the case's goal is a ratio against (e.g. a
+    # fallback baseline on a torch without the preferred op): the goal is then neither met nor missed.
+    goal_applies: bool = True
 
 
 @dataclass
@@ -44,8 +66,7 @@ class Case:
     dtype: torch.dtype
     devices: tuple[str, ...]
     make: Callable[[torch.device], Run]
-    goal: str = ""  # the TARGETS.md goal, in words
-    goal_speedup: float | None = None  # the goal as a ratio over the baseline, when it is one
+    goal: Goal | None = None
     # Smallest cases, run by the smoke test and --quick.
     quick: bool = False
 
@@ -53,17 +74,21 @@ class Case:
     def id(self) -> str:
         return f"{self.family}/{self.name}"
 
+    @property
+    def goal_speedup(self) -> float | None:
+        return self.goal.speedup if self.goal else None
+
 
 _CASES: dict[str, Case] = {}
 _LOADED = False
 
 
 def case(family: str, name: str, *, shape: str, dtype: torch.dtype, devices: tuple[str, ...],
-         goal: str = "", goal_speedup: float | None = None, quick: bool = False) -> Callable:
+         goal: Goal | None = None, quick: bool = False) -> Callable:
     """Decorator registering ``make(device) -> Run`` as a benchmark case."""
 
     def deco(make: Callable[[torch.device], Run]) -> Callable[[torch.device], Run]:
-        c = Case(family, name, shape, dtype, tuple(devices), make, goal, goal_speedup, quick)
+        c = Case(family, name, shape, dtype, tuple(devices), make, goal, quick)
         if c.id in _CASES:
             raise ValueError(f"benchmark case {c.id} defined twice")
         _CASES[c.id] = c

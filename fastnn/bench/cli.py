@@ -1,8 +1,11 @@
 """``fastnn-bench``: run every benchmark case available on a device, print a table, and write JSON
-and a PNG chart under ``bench/results/``.
+and a PNG chart (default: the checkout's ``bench/results/`` when fastnn runs from its source tree,
+else ``~/.cache/fastnn/bench-results``; the folder is printed, ``--out`` chooses another).
 
-Each row shows the torch baseline and fastnn measured in the same run, the speedup, the goal from
-TARGETS.md and fastnn's max relative error against the reference.
+Each row shows the torch baseline and fastnn measured in the same run, the speedup, the case's goal
+(a speedup over that baseline; ``--list`` says where each goal comes from) and fastnn's max
+relative error against the reference. Times are medians; the JSON also keeps their quartiles,
+minimum and maximum, and the chart draws the quartiles as error bars.
 """
 
 from __future__ import annotations
@@ -21,28 +24,62 @@ from typing import Any
 
 import torch
 
-from .. import _extension
+from .. import __version__, _extension
 from .cases import Case, cases_for
+from .report import fmt_err, fmt_num, format_markdown, format_table, write_chart
 from .timing import time_pair
 
-__all__ = ["main", "run_cases", "device_description"]
+__all__ = ["main", "run_cases", "device_description", "format_table", "format_markdown", "write_chart"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def device_description(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {"device": "cuda", "name": props.name, "sms": props.multi_processor_count,
-                "memory_gib": round(props.total_memory / 2**30, 1)}
-    name = platform.processor() or "cpu"
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The widest vector instruction set the CPU offers, with the extensions that matter to
+    fastnn's kernels: "AVX-512 (VNNI, BF16), AMX", "AVX2, FMA", "NEON" ..."""
+    flags = _cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        ext = [n for f, n in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("avx512_fp16", "FP16")) if f in flags]
+        isa = "AVX-512" + (f" ({', '.join(ext)})" if ext else "")
+    elif "avx2" in flags:
+        isa = "AVX2" + (", FMA" if "fma" in flags else "") + (", AVX-VNNI" if "avx_vnni" in flags else "")
+    elif "asimd" in flags:
+        isa = "NEON" + (", SVE" if "sve" in flags else "")
+    else:
+        isa = platform.machine() or "unknown"
+    return isa + (", AMX" if "amx_tile" in flags else "")
+
+
+def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"device": "cpu", "name": name, "threads": torch.get_num_threads()}
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_description(device: torch.device) -> dict[str, Any]:
+    cpu = {"cpu_name": _cpu_name(), "isa": cpu_isa(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"device": "cuda", "name": props.name, "sms": props.multi_processor_count,
+                "memory_gib": round(props.total_memory / 2**30, 1), **cpu}
+    return {"device": "cpu", "name": cpu["cpu_name"], **cpu}
 
 
 def _slug(desc: dict[str, Any]) -> str:
@@ -52,37 +89,58 @@ def _slug(desc: dict[str, Any]) -> str:
     return f"cpu-{desc['threads']}t"
 
 
-def _git_commit() -> str | None:
+def source_checkout() -> str | None:
+    """The root of the source tree fastnn runs from (an editable install or a plain checkout), or
+    None for an installed wheel, whose folder says nothing about any repository."""
+    root = os.path.dirname(_PACKAGE_DIR)
+    if os.path.exists(os.path.join(root, ".git")) and os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return root
+    return None
+
+
+def _git_commit(root: str | None) -> str | None:
+    """The checkout's commit, "+dirty" when tracked files differ from it; None outside a checkout."""
+    if root is None:
+        return None
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
-def _fmt_ms(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v * 1e3:.1f} us" if v < 0.1 else f"{v:.3f} ms"
+def default_out() -> str:
+    root = source_checkout()
+    if root is not None:
+        return os.path.join(root, "bench", "results")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "fastnn", "bench-results")
 
 
 def run_case(c: Case, device: torch.device, *, rounds: int, budget_s: float, clock: str = "wall") -> dict[str, Any]:
     row: dict[str, Any] = {"case": c.id, "device": device.type, "dtype": str(c.dtype).replace("torch.", ""),
-                           "shape": c.shape, "goal": c.goal, "goal_speedup": c.goal_speedup}
+                           "shape": c.shape, "goal": str(c.goal) if c.goal else "", "goal_speedup": c.goal_speedup,
+                           "goal_basis": c.goal.basis if c.goal else ""}
     run = c.make(device)
     fns = {"baseline": run.baseline, "fastnn": run.fastnn, **run.others}
-    times = time_pair(fns, device, rounds=rounds, budget_s=budget_s, clock=clock)
-    row.update(baseline=run.baseline_name, baseline_ms=times["baseline"], fastnn_ms=times["fastnn"],
-               others_ms={k: times[k] for k in run.others}, note=run.note)
-    row["speedup"] = times["baseline"] / times["fastnn"] if times["fastnn"] > 0 else None
+    stats = time_pair(fns, device, rounds=rounds, budget_s=budget_s, clock=clock)
+    base, fast = stats["baseline"], stats["fastnn"]
+    row.update(baseline=run.baseline_name, baseline_ms=base["median"], fastnn_ms=fast["median"],
+               others_ms={k: stats[k]["median"] for k in run.others}, note=run.note,
+               timings_ms={"baseline": base, "fastnn": fast, **{k: stats[k] for k in run.others}})
+    row["speedup"] = base["median"] / fast["median"] if fast["median"] > 0 else None
+    if row["speedup"] is not None and fast["q1"] > 0:
+        row["speedup_range"] = [base["q1"] / fast["q3"], base["q3"] / fast["q1"]]
     row["max_rel_error"] = run.error() if run.error is not None else None
     if run.bytes:
-        row["fastnn_GBps"] = run.bytes / (times["fastnn"] * 1e-3) / 1e9
+        row["fastnn_GBps"] = run.bytes / (fast["median"] * 1e-3) / 1e9
     if run.flops:
-        row["fastnn_TFLOPs"] = run.flops / (times["fastnn"] * 1e-3) / 1e12
-    if c.goal_speedup is not None and row["speedup"] is not None:
+        row["fastnn_TFLOPs"] = run.flops / (fast["median"] * 1e-3) / 1e12
+    row["goal_met"] = None
+    if c.goal_speedup is not None and row["speedup"] is not None and run.goal_applies:
         row["goal_met"] = row["speedup"] >= c.goal_speedup
     del run
     gc.collect()
@@ -91,92 +149,17 @@ def run_case(c: Case, device: torch.device, *, rounds: int, budget_s: float, clo
     return row
 
 
-def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """The table's header and one row of cells per result."""
-    head = ["case", "dtype", "shape", "torch baseline", "torch ms", "fastnn ms", "speedup", "goal", "max rel err",
-            "throughput"]
-    lines = []
-    for r in rows:
-        if "failed" in r:
-            lines.append([r["case"], r.get("dtype", ""), r.get("shape", ""), "FAILED: " + r["failed"][:60],
-                          "", "", "", "", "", ""])
-            continue
-        thr = ""
-        if "fastnn_TFLOPs" in r:
-            tf = r["fastnn_TFLOPs"]
-            thr = f"{tf:.0f} TFLOP/s" if tf >= 10 else f"{tf * 1e3:.0f} GFLOP/s"
-        elif "fastnn_GBps" in r:
-            thr = f"{r['fastnn_GBps']:.0f} GB/s"
-        err = r["max_rel_error"]
-        met = {True: " (met)", False: " (missed)"}.get(r.get("goal_met"), "")
-        lines.append([r["case"], r["dtype"], r["shape"], r["baseline"], _fmt_ms(r["baseline_ms"]),
-                      _fmt_ms(r["fastnn_ms"]), f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-                      (r["goal"] or "") + met, "-" if err is None else f"{err:.1e}", thr])
-    return head, lines
+def progress_line(row: dict[str, Any]) -> str:
+    t = row.get("timings_ms", {})
 
+    def timing(name: str, key: str) -> str:
+        q = t.get(key)
+        iqr = f" [{fmt_num(q['q1'])}-{fmt_num(q['q3'])}]" if q else ""
+        return f"{name} {fmt_num(row[key + '_ms'])} ms{iqr}"
 
-def _footnotes(rows: list[dict[str, Any]]) -> list[str]:
-    out = []
-    for r in rows:
-        for k, v in (r.get("others_ms") or {}).items():
-            out.append(f"{r['case']}: {k} {_fmt_ms(v)}")
-        if r.get("note"):
-            out.append(f"{r['case']}: {r['note']}")
-    return out
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head, lines = _cells(rows)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
-    out += ["  " + n for n in _footnotes(rows)]
-    return "\n".join(out)
-
-
-def format_markdown(rows: list[dict[str, Any]]) -> str:
-    """The same table in Markdown (for the README)."""
-    head, lines = _cells(rows)
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines]
-    notes = _footnotes(rows)
-    if notes:
-        out += [""] + [f"- {n}" for n in notes]
-    return "\n".join(out)
-
-
-def write_chart(rows: list[dict[str, Any]], title: str, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("fastnn-bench: matplotlib is not installed; no chart written", file=sys.stderr)
-        return False
-    ok = [r for r in rows if r.get("speedup")]
-    if not ok:
-        return False
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(ok) + 1.5))
-    names = [r["case"] for r in ok]
-    speed = [r["speedup"] for r in ok]
-    colors = ["tab:green" if s >= 1 else "tab:red" for s in speed]
-    ax.barh(range(len(ok)), speed, color=colors)
-    for i, r in enumerate(ok):
-        if r.get("goal_speedup"):
-            ax.plot([r["goal_speedup"]] * 2, [i - 0.4, i + 0.4], color="black", lw=2)
-        ax.text(speed[i], i, f" {speed[i]:.2f}x", va="center", fontsize=8)
-    ax.axvline(1.0, color="gray", ls="--", lw=1)
-    ax.set_yticks(range(len(ok)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("speedup over the torch baseline of the same run (black tick: goal)")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    speed = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+    return (f"      {timing('torch', 'baseline')}  {timing('fastnn', 'fastnn')}  speedup {speed}  "
+            f"max rel err {fmt_err(row['max_rel_error'])}")
 
 
 def run_cases(cases: list[Case], device: torch.device, *, rounds: int = 3, budget_s: float = 0.6,
@@ -193,13 +176,22 @@ def run_cases(cases: list[Case], device: torch.device, *, rounds: int = 3, budge
             row = {"case": c.id, "dtype": str(c.dtype).replace("torch.", ""), "shape": c.shape,
                    "failed": f"{type(exc).__name__}: {exc}"}
         if progress and "failed" not in row:
-            print(f"      torch {_fmt_ms(row['baseline_ms'])}  fastnn {_fmt_ms(row['fastnn_ms'])}  "
-                  f"speedup {row['speedup']:.2f}x  err {row['max_rel_error']}", file=sys.stderr, flush=True)
+            print(progress_line(row), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def header(desc: dict[str, Any], ext: dict[str, Any], commit: str | None) -> str:
+    """What ran where: the device, the CPU and its instruction set, threads, torch and fastnn."""
+    cpu = f"{desc['cpu_name']} ({desc['isa']}; torch's CPU kernels: {desc['torch_cpu_capability']})"
+    where = f"{desc['name']}, host CPU {cpu}" if desc["device"] == "cuda" else cpu
+    kernels = "yes" if ext["extension"] else f"no ({ext['extension_error']})"
+    return (f"{where}, {desc['threads']} threads, torch {torch.__version__}, fastnn {__version__}"
+            f"{f' (commit {commit})' if commit else ''}; compiled kernels: {kernels}"
+            f"{', CUDA kernels' if ext['cuda_kernels'] else ''}")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastnn-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -212,11 +204,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="CPU timing: wall time (what a user sees) or process CPU time (steadier on a shared "
                         "machine; use with --threads 1)")
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for the JSON and PNG")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for the JSON and PNG (default: the checkout's bench/results, or "
+                        "~/.cache/fastnn/bench-results for an installed fastnn; printed before the run)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
-    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--list", action="store_true", help="list the cases with their goals and exit")
     p.add_argument("--markdown", metavar="JSON", default=None,
                    help="print the table of a saved result file in Markdown and exit (runs nothing)")
+    return p
+
+
+def _list(cases: list[Case]) -> None:
+    for c in cases:
+        print(f"{c.id:50s} {c.shape:40s} {c.goal or 'no goal'}")
+        if c.goal:
+            print(f"{'':50s} goal from: {c.goal.basis}")
+
+
+def _save(rows: list[dict[str, Any]], meta: dict[str, Any], title: str, stem: str) -> None:
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+    chart = write_chart(rows, title, stem + ".png")
+    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if chart else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.markdown:
         with open(args.markdown) as f:
@@ -236,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--clock process times CPU work; GPU timings use CUDA events")
     cases = cases_for(dev, args.filter, quick=args.quick)
     if args.list:
-        for c in cases:
-            print(f"{c.id:50s} {c.shape:40s} {c.goal}")
+        _list(cases)
         return 0
     if not cases:
         print(f"fastnn-bench: no cases match on {dev}", file=sys.stderr)
@@ -245,34 +258,32 @@ def main(argv: list[str] | None = None) -> int:
 
     desc = device_description(device)
     ext = _extension.info()
-    print(f"fastnn-bench on {desc['name']} ({dev}), torch {torch.__version__}, "
-          f"compiled kernels: {'yes' if ext['extension'] else 'no (' + str(ext['extension_error']) + ')'}"
-          f"{', CUDA kernels' if ext['cuda_kernels'] else ''}; {len(cases)} cases", file=sys.stderr, flush=True)
+    commit = _git_commit(source_checkout())
+    out = os.path.abspath(args.out or default_out())
+    print(f"fastnn-bench on {header(desc, ext, commit)}; {len(cases)} case{'s' * (len(cases) != 1)}", file=sys.stderr)
+    print("results: " + ("not saved (--no-save)" if args.no_save else out), file=sys.stderr, flush=True)
     rows = run_cases(cases, device, rounds=args.rounds, budget_s=args.budget, clock=args.clock)
-    title = f"fastnn on {desc['name']}" + (f", {desc['threads']} threads" if dev == "cpu" else "") + (
-        ", CPU time" if args.clock == "process" else "")
+    title = f"fastnn on {desc['name']}" + (f" ({desc['isa']}), {desc['threads']} threads" if dev == "cpu" else "") + (
+        ", CPU time" if args.clock == "process" else "") + f", torch {torch.__version__}"
     print()
     print(title)
     print(format_table(rows))
 
     if not args.no_save:
-        os.makedirs(args.out, exist_ok=True)
         date = _dt.date.today().isoformat()
-        stem = os.path.join(args.out, f"{date}-{_slug(desc)}" + ("-quick" if args.quick else "")
+        stem = os.path.join(out, f"{date}-{_slug(desc)}" + ("-quick" if args.quick else "")
                             + ("-cputime" if args.clock == "process" else "")
                             + ("-" + re.sub(r"\W+", "_", args.filter) if args.filter else ""))
-        meta = {"date": date, **desc, "clock": args.clock, "torch": torch.__version__, "fastnn_commit": _git_commit(),
-                "extension": ext, "command": "fastnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+        meta = {"date": date, **desc, "clock": args.clock, "torch": torch.__version__, "fastnn_version": __version__,
+                "fastnn_commit": commit, "extension": ext,
+                "command": "fastnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])}
         try:
             import triton
 
             meta["triton"] = triton.__version__
         except ImportError:
             meta["triton"] = None
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-        chart = write_chart(rows, title, stem + ".png")
-        print(f"\nwrote {stem}.json" + (f" and {stem}.png" if chart else ""))
+        _save(rows, meta, title, stem)
     return 1 if any("failed" in r for r in rows) else 0
 
 

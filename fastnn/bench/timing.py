@@ -1,13 +1,21 @@
-"""How fastnn times things (DESIGN.md: Benchmarks).
+"""How fastnn times things.
 
-* CUDA: ``triton.testing.do_bench`` median (CUDA events, L2 flushed before each call), after
-  warm-up; CUDA events directly when Triton is missing.
-* CPU: host clock around each call, median, after warm-up. ``clock="process"`` times CPU time
-  instead of wall time: on a machine shared with other work, time slicing then does not swing
-  the numbers (cache contention still does); use it with one thread.
+* CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call) after warm-up,
+  keeping every sample; CUDA events directly when Triton is missing.
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange``. It runs with the thread count the user
+  set (``num_threads``), chooses how many calls one sample times so that the clock's overhead is
+  negligible even for microsecond ops, and warms up while doing so. ``clock="process"`` times CPU
+  time instead of wall time: on a machine shared with other work, time slicing then does not
+  swing the numbers (cache contention still does); use it with one thread.
 
-The baseline and fastnn are timed in alternating rounds, so that drift of the machine (another
-process, clock changes) hits both alike.
+The baseline, fastnn and the other candidates of a case are timed in alternating rounds of one
+run (A B C, A B C, ...), never one after the other: drift of a shared machine (another process,
+clock changes, thermal state) then hits every candidate alike, where timing A fully and then B
+would charge the drift to whichever ran during it. ``Timer`` measures one candidate at a time, so
+each round calls it once per candidate with that round's share of the budget.
+
+Every function returns milliseconds per call. :func:`summarize` reduces samples to the median and
+the spread (quartiles, min and max) that ``fastnn-bench`` stores and draws as error bars.
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["time_ms", "time_pair"]
+__all__ = ["time_ms", "time_pair", "summarize"]
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
 def _cuda_events_ms(fn: Callable[[], Any], reps: int) -> list[float]:
@@ -34,43 +44,55 @@ def _cuda_events_ms(fn: Callable[[], Any], reps: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+def _cuda_ms(fn: Callable[[], Any], *, warmup: int, reps: int, budget_s: float) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        import triton.testing
+    except ImportError:
+        return _cuda_events_ms(fn, reps)
+    # do_bench's warmup/rep are milliseconds of running time; "all" returns every sample.
+    out = triton.testing.do_bench(fn, warmup=25, rep=max(25, int(budget_s * 1000)), return_mode="all")
+    return [float(v) for v in out] if isinstance(out, (list, tuple)) else [float(out)]
+
+
+def _cpu_ms(fn: Callable[[], Any], *, budget_s: float, clock: str) -> list[float]:
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, timer=CLOCKS[clock], num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=budget_s)
+    return [t * 1e3 for t in m.times]  # seconds per call, one value per block of calls
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, reps: int = 20,
             budget_s: float = 1.0, clock: str = "wall") -> list[float]:
-    """Milliseconds per call of ``fn``: a list of samples (take the median)."""
-    if device.type == "cuda":
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        try:
-            import triton.testing
+    """Samples of milliseconds per call of ``fn`` (at least one).
 
-            # do_bench's warmup/rep are milliseconds of running time.
-            return [float(triton.testing.do_bench(fn, warmup=25, rep=max(25, int(budget_s * 100)),
-                                                  return_mode="median"))]
-        except ImportError:
-            return _cuda_events_ms(fn, reps)
-    for _ in range(warmup):
-        fn()
-    now = CLOCKS[clock]
-    samples: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(samples) < reps or (time.perf_counter() < deadline and len(samples) < 10 * reps):
-        t0 = now()
-        fn()
-        samples.append((now() - t0) * 1e3)
-        if len(samples) >= reps and time.perf_counter() >= deadline:
-            break
-    return samples
+    On the CPU each sample is the mean of one block of calls (``Timer`` sizes the block); ``reps``
+    and ``warmup`` apply to CUDA only."""
+    if device.type == "cuda":
+        return _cuda_ms(fn, warmup=warmup, reps=reps, budget_s=budget_s)
+    if clock not in CLOCKS:
+        raise ValueError(f"fastnn-bench: clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    return _cpu_ms(fn, budget_s=budget_s, clock=clock)
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of samples in ms, and how many samples there were."""
+    s = sorted(samples)
+    if len(s) >= 2:
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
+    else:
+        q1 = q3 = s[0]
+    return {"median": statistics.median(s), "q1": q1, "q3": q3, "min": s[0], "max": s[-1], "samples": len(s)}
 
 
 def time_pair(fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds: int = 3,
-              reps: int = 10, budget_s: float = 0.5, clock: str = "wall") -> dict[str, float]:
-    """Median ms of each function, timed in ``rounds`` alternating rounds."""
+              reps: int = 10, budget_s: float = 0.5, clock: str = "wall") -> dict[str, dict[str, float]]:
+    """:func:`summarize` of each function's samples, timed in ``rounds`` alternating rounds."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
+    for _ in range(max(1, rounds)):
         for name, fn in fns.items():
-            samples[name] += time_ms(fn, device, reps=reps, budget_s=budget_s / rounds, clock=clock)
-    return {k: statistics.median(v) for k, v in samples.items()}
+            samples[name] += time_ms(fn, device, reps=reps, budget_s=budget_s / max(1, rounds), clock=clock)
+    return {k: summarize(v) for k, v in samples.items()}
