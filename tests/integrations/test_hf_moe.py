@@ -262,3 +262,22 @@ def test_convert_before_or_after_to_cuda(family, order):
     assert all(p.is_cuda for p in model.parameters())
     got = model.cpu()(input_ids=ids.cpu(), labels=ids.cpu(), output_router_logits=True)
     testing.assert_close(got.logits, want.logits.cpu(), dtype=GPU_TOL, msg="logits after revert")
+
+
+def test_revert_after_to_that_replaces_parameters():
+    """With torch's overwrite-on-conversion switch, ``.to`` gives the converted layer new Parameter
+    objects; revert must hand the block those, not the ones it held at conversion."""
+    model = _causal_lm("mixtral", torch.float32)
+    want = _causal_lm("mixtral")(input_ids=(ids := torch.randint(0, 64, (2, 9))), labels=ids,
+                                 output_router_logits=True)
+    fastnn.convert(model)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    _check_router_outputs(model, want, ids)
+    fastnn.revert(model)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    _check_router_outputs(model, want, ids)
