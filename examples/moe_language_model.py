@@ -140,7 +140,8 @@ def train(impl: str, data: torch.Tensor, args, device, dtype) -> dict:
         val = F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, 256), batch[:, 1:].reshape(-1))
     share = load / load.sum()
     return {"impl": impl, "losses": losses, "first_loss": losses[0],
-            "final_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": float(val), "tokens_per_s": tokens / max(seconds, 1e-9), "expert_share": share.tolist(),
+            "final_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": float(val),
+            "tokens_per_s": tokens / max(seconds, 1e-9), "expert_share": share.tolist(),
             "utilisation_entropy": float(-(share * share.clamp_min(1e-12).log()).sum() / math.log(len(share)))}
 
 

@@ -144,6 +144,7 @@ def write_chart(rows: list[dict[str, Any]], title: str, path: str) -> bool:
     ax.set_yticks(list(ys), [b["case"] for b in bars], fontsize=8)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.set_xlim(right=max(b["high"] for b in bars) * 1.8)  # room for the value labels
     # Plain numbers on the log axis (0.5x 1x 2x 5x ...), not powers of ten.
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
@@ -151,7 +152,8 @@ def write_chart(rows: list[dict[str, Any]], title: str, path: str) -> bool:
     ax.set_xlabel("speedup over the torch baseline of the same run (error bar: quartiles; black tick: goal)")
     labels = dict.fromkeys(b["label"] for b in bars)
     colour = {b["label"]: b["colour"] for b in bars}
-    ax.legend(handles=[Patch(color=colour[k], label=k) for k in labels], fontsize=8, loc="lower right")
+    ax.legend(handles=[Patch(color=colour[k], label=k) for k in labels], fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

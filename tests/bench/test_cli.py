@@ -9,6 +9,7 @@ import torch
 
 from fastnn.bench import cli, report
 from fastnn.bench.cases import Case, Goal, Run, all_cases, cases_for
+from fastnn.bench.timing import time_pair
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -184,3 +185,23 @@ def test_list_shows_goals_with_their_basis(capsys):
     out = capsys.readouterr().out
     assert "rnn/lstm_infer_T100_B32_H256" in out and ">= 1.5x" in out
     assert "goal from: 2-core CPU, 2 threads, lstm infer: torch.nn 94 ms; goal <= 63 ms" in out
+
+
+def test_cpu_timing_keeps_the_spread_of_alternating_rounds():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    stats = time_pair(fns, torch.device("cpu"), rounds=3, budget_s=0.03)
+    for s in stats.values():
+        assert s["samples"] >= 3 and s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    # each round times a and then b: the calls switch between them at least 2 * rounds - 1 times
+    switches = sum(x != y for x, y in zip(calls, calls[1:]))
+    assert switches >= 5
+
+
+@pytest.mark.gpu
+def test_cuda_timing_keeps_every_sample():
+    x = torch.randn(1 << 20, device="cuda")
+    stats = time_pair({"a": lambda: x * 2, "b": lambda: x + x}, torch.device("cuda"), rounds=2, budget_s=0.1)
+    for s in stats.values():
+        assert s["samples"] > 2, "do_bench returned one number: the spread is lost"
+        assert 0 < s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]

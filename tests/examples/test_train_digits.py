@@ -15,7 +15,7 @@ def test_train_digits(capsys, one_thread):
     assert load_example("train_digits").main(["--epochs", "30", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "OK" in out
-    m = re.search(r"time per epoch .*: torch ([\d.]+) ms, fastnn ([\d.]+) ms", out)
+    m = re.search(r"time per epoch.*: torch ([\d.]+) ms, fastnn ([\d.]+) ms", out)
     assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0
 
 
