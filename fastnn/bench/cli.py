@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                             + ("-" + re.sub(r"\W+", "_", args.filter) if args.filter else ""))
         meta = {"date": date, **desc, "clock": args.clock, "torch": torch.__version__, "fastnn_version": __version__,
                 "fastnn_commit": commit, "extension": ext,
+                # Switches that change which path runs (FASTNN_BACKEND, FASTNN_RNN_PERSISTENT, ...).
+                "fastnn_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTNN_")},
                 "command": "fastnn-bench " + " ".join(argv if argv is not None else sys.argv[1:])}
         try:
             import triton
