@@ -173,6 +173,11 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         D = 2 if self.bidirectional else 1
         return torch.zeros(self.num_layers * D, batch, width, dtype=input.dtype, device=input.device)
 
+    def _initial_state(self, input: Tensor, batch: int):
+        """Zeros: h_0 (and c_0 for LSTM) for every layer and direction."""
+        h = self._zeros(input, batch, self._state_width())
+        return (h, self._zeros(input, batch, self.hidden_size)) if self._kind == "lstm" else h
+
     def _state_width(self) -> int:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
@@ -183,12 +188,7 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
             max_batch_size = int(batch_sizes[0])
-            if hx is None:
-                hx = self._zeros(input, max_batch_size, self._state_width())
-                if lstm:
-                    hx = (hx, self._zeros(input, max_batch_size, self.hidden_size))
-            else:
-                hx = self.permute_hidden(hx, sorted_indices)
+            hx = self._initial_state(input, max_batch_size) if hx is None else self.permute_hidden(hx, sorted_indices)
             is_batched = True
         else:
             if input.dim() not in (2, 3):
@@ -201,12 +201,7 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
                 input = input.unsqueeze(batch_dim)
             max_batch_size = input.size(0) if self.batch_first else input.size(1)
             sorted_indices = unsorted_indices = None
-            if hx is None:
-                hx = self._zeros(input, max_batch_size, self._state_width())
-                if lstm:
-                    hx = (hx, self._zeros(input, max_batch_size, self.hidden_size))
-            else:
-                hx = self._batch_state(hx, is_batched)
+            hx = self._initial_state(input, max_batch_size) if hx is None else self._batch_state(hx, is_batched)
         self.check_forward_args(input, hx, batch_sizes)
         _check_device(self, input)
         states = list(hx) if lstm else [hx]
