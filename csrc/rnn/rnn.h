@@ -1,6 +1,13 @@
-// Host-side interface of fastnn's recurrent kernels, shared by the op registrations
-// (rnn_ops.cpp), the device-independent sequence driver (rnn_engine.cpp), the CPU step kernels
-// (rnn_cpu.cpp) and the CUDA step kernels (kernels/cuda/rnn/rnn_cuda.cu).
+// Host-side interface of fastnn's recurrent kernels, shared by
+//   rnn_ops.cpp        the op schemas and their CPU/CUDA registrations,
+//   rnn_checks.cpp     the compiled ops' argument checks,
+//   rnn_engine.cpp     the device-independent sequence driver: the GEMMs and the choice among the
+//                      forward strategies below,
+//   step_cpu.cpp       CPU strategy "steps": one step's fused pointwise kernel (cpu_step.h) after
+//                      each recurrent GEMM (also the whole backward),
+//   packed_cpu.cpp     CPU strategy "packed": the whole float32 recurrence in one parallel region,
+//                      its own recurrent products, tasks meeting at a barrier (step_barrier.h),
+//   kernels/cuda/rnn/rnn_cuda.cu   the CUDA step kernels and the opt-in persistent kernel.
 //
 // One layer and one direction of LSTM/GRU/RNN over a time-major sequence [T, B, I]:
 //   1. the input projection of every step as one GEMM (biases folded in),
@@ -9,8 +16,8 @@
 // and the backward mirrors it: one fused pointwise kernel and one GEMM per step, then the weight
 // and input gradients as single GEMMs over all steps. Gate math lives in cell_math.h.
 //
-// The GEMMs are ATen calls on math-dtype tensors (float32, or float64 for float64 inputs): an int8
-// path (a later issue) replaces them with quantised GEMMs and keeps the step kernels as they are.
+// The GEMMs are ATen calls on math-dtype tensors (float32, or float64 for float64 inputs), so a
+// quantised path can replace them and keep the step kernels as they are.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,8 +54,14 @@ struct SeqInputs {
   std::string op = "lstm_seq";  // for error messages
 };
 
-// Checks shapes, dtypes and devices; raises a ValueError naming the argument.
+// Checks shapes, dtypes and devices; raises a ValueError naming the argument. The Python layer
+// (fastnn/ops/rnn.py) owns the user-facing checks and runs them before any backend; these are the
+// compiled ops' own, because torch.ops.fastnn.* (and the *_backward ops) can be called directly
+// and the kernels index every buffer by these shapes.
 void validate(const SeqInputs& in);
+// The backward's own tensors (the forward's are validate's): gradients, output and workspace.
+void validate_backward(const SeqInputs& in, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                       const at::Tensor& grad_c_n, const at::Tensor& output, const at::Tensor& workspace);
 
 // (output [T,B,P], h_n [B,P], c_n [B,H] (undefined unless LSTM), workspace [T,B,WS] in math dtype)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_forward(const SeqInputs& in);
@@ -132,8 +145,9 @@ template <typename T>
 void step_backward_cpu(const BwdStep<T>& s);
 
 #ifdef FASTNN_WITH_CUDA
-// The whole forward in one cooperative launch (float, no projection, no mask); false when the
-// sequence does not fit (then the caller runs it step by step). `s` describes step 0 (gi, out and
+// The whole forward in one cooperative launch (float, no projection, no mask; opt-in with
+// FASTNN_RNN_PERSISTENT=1); false when the sequence does not fit (then the caller runs it step by
+// step). `s` describes step 0 (gi, out and
 // ws at the buffers' starts); hbuf is [2, B, H] with h0 in its first half; barrier: two zeroed
 // uint32 on the device. The final state lands in hbuf's half (T % 2).
 bool persistent_forward_cuda(const FwdStep<float>& s, const float* w_hh, float* hbuf, int64_t T, bool reverse,

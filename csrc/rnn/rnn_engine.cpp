@@ -1,13 +1,21 @@
-// The sequence driver of the recurrent ops, the same on every device: argument checks, the GEMMs
-// (ATen: MKL/OpenBLAS on the CPU, cuBLAS on the GPU) and the time loop that calls the device's
-// fused step kernel. See rnn.h for the algorithm and the buffer layout.
+// The sequence driver of the recurrent ops, the same on every device: the GEMMs (ATen:
+// MKL/OpenBLAS on the CPU, cuBLAS on the GPU), the choice of a forward strategy, and the time loop
+// that calls the device's fused step kernel. See rnn.h for the algorithm and the buffer layout,
+// rnn_checks.cpp for the argument checks.
 #include "rnn/rnn.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "common.h"
+
+#ifdef FASTNN_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace fastnn {
 namespace rnn {
@@ -22,31 +30,6 @@ const char* cell_name(Cell c) {
 }
 
 namespace {
-
-bool float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-std::string shape_str(std::initializer_list<int64_t> dims) {
-  std::string s = "[";
-  bool first = true;
-  for (int64_t d : dims) {
-    s += (first ? "" : ", ") + std::to_string(d);
-    first = false;
-  }
-  return s + "]";
-}
-
-void check_tensor(const SeqInputs& in, const at::Tensor& t, const char* name,
-                  std::initializer_list<int64_t> shape) {
-  const std::string arg = in.op + ": " + name;
-  FASTNN_CHECK_ARG(t.sizes().equals(shape), arg, "a tensor of shape " + shape_str(shape),
-                   describe(t));
-  FASTNN_CHECK_ARG(t.scalar_type() == in.input.scalar_type() && t.device() == in.input.device(), arg,
-                   std::string("the dtype and device of 'input' (") +
-                       c10::toString(in.input.scalar_type()) + ", " + in.input.device().str() + ")",
-                   describe(t));
-}
 
 at::ScalarType math_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -111,126 +94,172 @@ Dims dims_of(const SeqInputs& in) {
   return d;
 }
 
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// What every forward strategy works on: the inputs in the math dtype (contiguous), and the buffers
+// it fills. h and c are fresh copies of the initial states, updated in place, so that no output
+// aliases an input.
+struct Forward {
+  const SeqInputs& in;
+  Dims d;
+  bool cuda, proj;
+  at::Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr, mask, lengths;
+  at::Tensor h, c, out, ws;
+  at::Tensor gi;    // [T*B, G] the input projection of every step
+  at::Tensor b_hn;  // GRU: the part of b_hh inside r * (W_hn h + b_hn), or undefined
+
+  explicit Forward(const SeqInputs& s) : in(s), d(dims_of(s)), cuda(s.input.is_cuda()), proj(s.w_hr.defined()) {
+    x = to_math(s.input);
+    w_ih = to_math(s.w_ih);
+    w_hh = to_math(s.w_hh);
+    b_ih = to_math(s.b_ih);
+    b_hh = to_math(s.b_hh);
+    w_hr = to_math(s.w_hr);
+    mask = to_math(s.h_mask);
+    lengths = s.lengths.defined() ? s.lengths.contiguous() : at::Tensor();
+    const auto opts = x.options();
+    h = s.h0.to(opts.dtype(), /*non_blocking=*/false, /*copy=*/true).contiguous();
+    c = s.cell == Cell::LSTM ? s.c0.to(opts.dtype(), false, true).contiguous() : at::Tensor();
+    out = at::empty({d.T, d.B, d.P}, opts);
+    ws = at::empty({d.T, d.B, d.WS}, opts);
+    if (s.cell == Cell::GRU && b_hh.defined()) b_hn = b_hh.narrow(0, 2 * d.H, d.H).contiguous();
+  }
+
+  // The one epilogue: the buffers (or their casts) in the input's dtype; the workspace stays in
+  // the math dtype.
+  Outputs finish() const {
+    const auto dtype = in.input.scalar_type();
+    return {out.to(dtype), h.to(dtype), c.defined() ? c.to(dtype) : at::Tensor(), ws};
+  }
+};
+
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const SeqInputs& in) {
-  const Dims d = dims_of(in);
-  const bool cuda = in.input.is_cuda();
-  const bool proj = in.w_hr.defined();
-  const at::Tensor x = to_math(in.input), w_ih = to_math(in.w_ih), w_hh = to_math(in.w_hh);
-  const at::Tensor b_ih = to_math(in.b_ih), b_hh = to_math(in.b_hh), w_hr = to_math(in.w_hr);
-  const at::Tensor mask = to_math(in.h_mask);
-  const at::Tensor lengths = in.lengths.defined() ? in.lengths.contiguous() : at::Tensor();
-  const auto opts = x.options();
+T* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
 
-  // Buffers we update in place; fresh tensors, so that no output aliases an input.
-  at::Tensor h = in.h0.to(opts.dtype(), /*non_blocking=*/false, /*copy=*/true).contiguous();
-  at::Tensor c = in.cell == Cell::LSTM
-                     ? in.c0.to(opts.dtype(), false, true).contiguous()
-                     : at::Tensor();
-  at::Tensor out = at::empty({d.T, d.B, d.P}, opts);
-  at::Tensor ws = at::empty({d.T, d.B, d.WS}, opts);
+// Strategy 1 (CPU, float32, no projection): the packed recurrence (packed_cpu.cpp). It adds the
+// biases in its pointwise step, so the projection is a plain GEMM; one or two input rows (a
+// streaming step) take matrix-vector products instead. At batch 1 it repacks nothing, so it serves
+// any length; above batch 1 it repacks W_hh on every call, worth it over a few steps, not for one.
+bool packed_fits(const Forward& f) {
+  return !f.cuda && !f.proj && f.x.scalar_type() == at::kFloat && (f.d.T >= 4 || f.d.B == 1);
+}
 
-  if (d.T > 0 && d.B > 0) {
-    // 1. The input projection of every step in one GEMM.
-    const at::Tensor bias = folded_bias(in, b_ih, b_hh, d.H);
-    const at::Tensor x2 = x.view({d.T * d.B, d.I});
-    // The packed path (see below) adds the biases in its pointwise step instead of in the GEMM.
-    // At batch 1 it repacks nothing, so it serves any length.
-    const bool packed = !cuda && !proj && std::is_same<T, float>::value && (d.T >= 4 || d.B == 1);
-    at::Tensor gi;
-    if (packed && d.T * d.B <= 2) {
-      // one or two input rows (a streaming step): matrix-vector products, not a GEMM
-      gi = at::empty({d.T * d.B, d.G}, opts);
-      for (int64_t r = 0; r < d.T * d.B; ++r) {  // x and w_ih are contiguous (to_math)
-        matvec_cpu((const float*)w_ih.data_ptr<T>(), d.G, d.I, (const float*)x2.data_ptr<T>() + r * d.I,
-                   (float*)gi.data_ptr<T>() + r * d.G);
-      }
-    } else {
-      gi = (bias.defined() && !packed) ? at::addmm(bias, x2, w_ih.t()) : at::mm(x2, w_ih.t());
-    }
-    const at::Tensor b_hn =
-        (in.cell == Cell::GRU && b_hh.defined()) ? b_hh.narrow(0, 2 * d.H, d.H).contiguous()
-                                                 : at::Tensor();
-    const at::Tensor w_hh_t = w_hh.t();
-    at::Tensor gh = at::empty({d.B, d.G}, opts);
-    at::Tensor hm = mask.defined() ? at::empty_like(h) : at::Tensor();
-    at::Tensor hpre = proj ? at::zeros({d.B, d.H}, opts) : at::Tensor();
-    at::Tensor hp = proj ? at::empty({d.B, d.P}, opts) : at::Tensor();
-
-    // The packed path repacks W_hh on every call above batch 1: worth it over a few steps, not for
-    // one (such a call runs the GEMM + step kernel below).
-    if (packed) {
-      const at::Tensor gi_bias = bias.defined() ? bias.contiguous() : at::Tensor();
-      PackedForward f{in.cell, d.T, d.B, d.H, in.reverse, (const float*)gi.data_ptr<T>(),
-                      gi_bias.defined() ? (const float*)gi_bias.data_ptr<T>() : nullptr,
-                      (const float*)w_hh.data_ptr<T>(),
-                      b_hn.defined() ? (const float*)b_hn.data_ptr<T>() : nullptr,
-                      mask.defined() ? (const float*)mask.data_ptr<T>() : nullptr,
-                      lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, (float*)h.data_ptr<T>(),
-                      c.defined() ? (float*)c.data_ptr<T>() : nullptr, (float*)out.data_ptr<T>(),
-                      (float*)ws.data_ptr<T>()};
-      packed_forward_cpu(f);
-      const auto dtype = in.input.scalar_type();
-      return {out.to(dtype), h.to(dtype), c.defined() ? c.to(dtype) : at::Tensor(), ws};
-    }
-#ifdef FASTNN_WITH_CUDA
-    if (cuda && !proj && !mask.defined() && std::is_same<T, float>::value) {
-      // hbuf [2, B, H]: h0 then the double buffer; the final state is in half T % 2
-      at::Tensor hbuf = at::empty({2, d.B, d.H}, opts);
-      hbuf.select(0, 0).copy_(h);
-      at::Tensor barrier = at::zeros({2}, opts.dtype(at::kInt));
-      FwdStep<float> s{in.cell, d.B, d.H, d.P, (const float*)gi.data_ptr<T>(), nullptr,
-                       b_hn.defined() ? (const float*)b_hn.data_ptr<T>() : nullptr, nullptr, nullptr,
-                       c.defined() ? (float*)c.data_ptr<T>() : nullptr, (float*)out.data_ptr<T>(),
-                       (float*)ws.data_ptr<T>(), nullptr,
-                       lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, 0};
-      if (persistent_forward_cuda(s, (const float*)w_hh.data_ptr<T>(), (float*)hbuf.data_ptr<T>(), d.T,
-                                  in.reverse, (unsigned*)barrier.data_ptr<int>())) {
-        h.copy_(hbuf.select(0, d.T % 2));
-        const auto dtype = in.input.scalar_type();
-        return {out.to(dtype), h.to(dtype), c.defined() ? c.to(dtype) : at::Tensor(), ws};
-      }
-    }
-#endif
-    FwdStep<T> s{in.cell, d.B, d.H, d.P, nullptr, gh.data_ptr<T>(),
-                 b_hn.defined() ? b_hn.data_ptr<T>() : nullptr, h.data_ptr<T>(), nullptr,
-                 c.defined() ? c.data_ptr<T>() : nullptr, nullptr, nullptr,
-                 proj ? hpre.data_ptr<T>() : nullptr,
-                 lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr, 0};
-    for (int64_t step = 0; step < d.T; ++step) {
-      const int64_t t = in.reverse ? d.T - 1 - step : step;
-      // 2. The recurrent product, then the fused pointwise step.
-      if (mask.defined()) {
-        at::mul_out(hm, h, mask);
-        at::mm_out(gh, hm, w_hh_t);
-      } else {
-        at::mm_out(gh, h, w_hh_t);
-      }
-      s.gi = gi.data_ptr<T>() + t * d.B * d.G;
-      s.out = out.data_ptr<T>() + t * d.B * d.P;
-      s.ws = ws.data_ptr<T>() + t * d.B * d.WS;
-      s.t = t;
-      run_step_forward<T>(s, cuda);
-      if (proj) {
-        at::mm_out(hp, hpre, w_hr.t());
-        at::Tensor out_t = out.select(0, t);
-        const at::Tensor active = active_rows(lengths, t);
-        if (active.defined()) {
-          h.copy_(at::where(active, hp, h));
-          out_t.copy_(at::where(active, hp, at::zeros_like(hp)));
-        } else {
-          h.copy_(hp);
-          out_t.copy_(hp);
-        }
-      }
+Outputs forward_packed_cpu(Forward& f, const at::Tensor& bias) {
+  const Dims& d = f.d;
+  const at::Tensor x2 = f.x.view({d.T * d.B, d.I});
+  if (d.T * d.B <= 2) {
+    f.gi = at::empty({d.T * d.B, d.G}, f.x.options());
+    for (int64_t r = 0; r < d.T * d.B; ++r) {  // x and w_ih are contiguous (to_math)
+      matvec_cpu(ptr<float>(f.w_ih), d.G, d.I, ptr<float>(x2) + r * d.I, ptr<float>(f.gi) + r * d.G);
     }
   } else {
-    ws.zero_();
+    f.gi = at::mm(x2, f.w_ih.t());
   }
-  const auto dtype = in.input.scalar_type();
-  // h and c are this call's own buffers, so returning them (or their casts) aliases no input
-  at::Tensor c_n = c.defined() ? c.to(dtype) : at::Tensor();
-  return {out.to(dtype), h.to(dtype), c_n, ws};
+  const at::Tensor gi_bias = bias.defined() ? bias.contiguous() : at::Tensor();
+  PackedForward p{f.in.cell,        d.T,           d.B,           d.H,           f.in.reverse,
+                  ptr<float>(f.gi), ptr<float>(gi_bias),          ptr<float>(f.w_hh), ptr<float>(f.b_hn),
+                  ptr<float>(f.mask), ptr<int64_t>(f.lengths),   ptr<float>(f.h), ptr<float>(f.c),
+                  ptr<float>(f.out), ptr<float>(f.ws)};
+  packed_forward_cpu(p);
+  return f.finish();
+}
+
+// Strategy 2 (CUDA, float32, no projection, no mask), opt-in: the persistent kernel, the whole
+// sequence in one cooperative launch. It has not been measured faster than strategy 3 on a GPU, so
+// it runs only when FASTNN_RNN_PERSISTENT=1 (the GPU benchmarks time it beside the default).
+// Returns false when it does not apply or the sequence does not fit (then strategy 3 runs).
+bool persistent_requested() {
+  const char* v = std::getenv("FASTNN_RNN_PERSISTENT");
+  return v != nullptr && std::string(v) == "1";
+}
+
+bool forward_persistent_cuda(Forward& f) {
+#ifdef FASTNN_WITH_CUDA
+  const Dims& d = f.d;
+  if (!f.cuda || f.proj || f.mask.defined() || f.x.scalar_type() != at::kFloat || !persistent_requested()) {
+    return false;
+  }
+  // hbuf [2, B, H]: h0 then the double buffer; the final state is in half T % 2
+  at::Tensor hbuf = at::empty({2, d.B, d.H}, f.x.options());
+  hbuf.select(0, 0).copy_(f.h);
+  at::Tensor barrier = at::zeros({2}, f.x.options().dtype(at::kInt));
+  FwdStep<float> s{f.in.cell, d.B, d.H, d.P, ptr<float>(f.gi), nullptr, ptr<float>(f.b_hn), nullptr, nullptr,
+                   ptr<float>(f.c), ptr<float>(f.out), ptr<float>(f.ws), nullptr, ptr<int64_t>(f.lengths), 0};
+  if (!persistent_forward_cuda(s, ptr<float>(f.w_hh), ptr<float>(hbuf), d.T, f.in.reverse,
+                               (unsigned*)barrier.data_ptr<int>())) {
+    return false;
+  }
+  f.h.copy_(hbuf.select(0, d.T % 2));
+  return true;
+#else
+  (void)f;
+  return false;
+#endif
+}
+
+// Strategy 3 (any device and dtype): per step the recurrent GEMM (ATen), then the device's fused
+// pointwise step kernel; with a projection, its GEMM and the state update after it.
+template <typename T>
+Outputs forward_steps(Forward& f) {
+  const Dims& d = f.d;
+  const auto opts = f.x.options();
+  const at::Tensor w_hh_t = f.w_hh.t();
+  at::Tensor gh = at::empty({d.B, d.G}, opts);
+  at::Tensor hm = f.mask.defined() ? at::empty_like(f.h) : at::Tensor();
+  at::Tensor hpre = f.proj ? at::zeros({d.B, d.H}, opts) : at::Tensor();
+  at::Tensor hp = f.proj ? at::empty({d.B, d.P}, opts) : at::Tensor();
+  FwdStep<T> s{f.in.cell, d.B, d.H, d.P, nullptr, ptr<T>(gh), ptr<T>(f.b_hn), ptr<T>(f.h), nullptr, ptr<T>(f.c),
+               nullptr, nullptr, ptr<T>(hpre), ptr<int64_t>(f.lengths), 0};
+  for (int64_t step = 0; step < d.T; ++step) {
+    const int64_t t = f.in.reverse ? d.T - 1 - step : step;
+    if (f.mask.defined()) {
+      at::mul_out(hm, f.h, f.mask);
+      at::mm_out(gh, hm, w_hh_t);
+    } else {
+      at::mm_out(gh, f.h, w_hh_t);
+    }
+    s.gi = ptr<T>(f.gi) + t * d.B * d.G;
+    s.out = ptr<T>(f.out) + t * d.B * d.P;
+    s.ws = ptr<T>(f.ws) + t * d.B * d.WS;
+    s.t = t;
+    run_step_forward<T>(s, f.cuda);
+    if (f.proj) {
+      at::mm_out(hp, hpre, f.w_hr.t());
+      at::Tensor out_t = f.out.select(0, t);
+      const at::Tensor active = active_rows(f.lengths, t);
+      if (active.defined()) {
+        f.h.copy_(at::where(active, hp, f.h));
+        out_t.copy_(at::where(active, hp, at::zeros_like(hp)));
+      } else {
+        f.h.copy_(hp);
+        out_t.copy_(hp);
+      }
+    }
+  }
+  return f.finish();
+}
+
+template <typename T>
+Outputs forward_impl(const SeqInputs& in) {
+  Forward f(in);
+  const Dims& d = f.d;
+  if (d.T == 0 || d.B == 0) {
+    f.ws.zero_();
+    return f.finish();
+  }
+  const at::Tensor bias = folded_bias(in, f.b_ih, f.b_hh, d.H);
+  if constexpr (std::is_same<T, float>::value) {
+    if (packed_fits(f)) return forward_packed_cpu(f, bias);
+  }
+  // The input projection of every step in one GEMM, the biases folded in.
+  const at::Tensor x2 = f.x.view({d.T * d.B, d.I});
+  f.gi = bias.defined() ? at::addmm(bias, x2, f.w_ih.t()) : at::mm(x2, f.w_ih.t());
+  if constexpr (std::is_same<T, float>::value) {
+    if (forward_persistent_cuda(f)) return f.finish();
+  }
+  return forward_steps<T>(f);
 }
 
 // The state before each step (unmasked), [T, B, W], from the outputs/workspace and the initial
@@ -380,47 +409,26 @@ std::array<at::Tensor, 8> backward_impl(const SeqInputs& in, const at::Tensor& g
 
 }  // namespace
 
-void validate(const SeqInputs& in) {
-  const at::Tensor& x = in.input;
-  FASTNN_CHECK_ARG(x.dim() == 3, in.op + ": input", "a 3-D tensor [T, B, input_size]", describe(x));
-  FASTNN_CHECK_ARG(float_dtype(x.scalar_type()), in.op + ": input",
-                   "a float32, float64, bfloat16 or float16 tensor", describe(x));
-  const int64_t gates = num_gates(in.cell);
-  FASTNN_CHECK_ARG(in.w_hh.dim() == 2 && in.w_hh.size(0) % gates == 0 && in.w_hh.size(0) > 0,
-                   in.op + ": w_hh", "a 2-D tensor [" + std::to_string(gates) + "*hidden_size, P]",
-                   describe(in.w_hh));
-  const int64_t G = in.w_hh.size(0), H = G / gates, B = x.size(1), I = x.size(2);
-  if (in.w_hr.defined()) {
-    FASTNN_CHECK_ARG(in.cell == Cell::LSTM, in.op + ": w_hr", "None (projections are LSTM-only)",
-                     describe(in.w_hr));
-    FASTNN_CHECK_ARG(in.w_hr.dim() == 2 && in.w_hr.size(1) == H && in.w_hr.size(0) > 0 &&
-                         in.w_hr.size(0) < H,
-                     in.op + ": w_hr", "a tensor [proj_size, " + std::to_string(H) + "] with 0 < proj_size < hidden_size",
-                     describe(in.w_hr));
-  }
-  const int64_t P = in.w_hr.defined() ? in.w_hr.size(0) : H;
-  check_tensor(in, in.w_ih, "w_ih", {G, I});
-  check_tensor(in, in.w_hh, "w_hh", {G, P});
-  if (in.b_ih.defined()) check_tensor(in, in.b_ih, "b_ih", {G});
-  if (in.b_hh.defined()) check_tensor(in, in.b_hh, "b_hh", {G});
-  if (in.w_hr.defined()) check_tensor(in, in.w_hr, "w_hr", {P, H});
-  check_tensor(in, in.h0, in.cell == Cell::LSTM ? "h0" : "h0", {B, P});
-  if (in.cell == Cell::LSTM) check_tensor(in, in.c0, "c0", {B, H});
-  if (in.h_mask.defined()) check_tensor(in, in.h_mask, "h_mask", {B, P});
-  if (in.lengths.defined()) {
-    FASTNN_CHECK_ARG(in.lengths.dim() == 1 && in.lengths.size(0) == B &&
-                         in.lengths.scalar_type() == at::kLong && in.lengths.device() == x.device(),
-                     in.op + ": lengths",
-                     "an int64 tensor of shape [" + std::to_string(B) + "] on " + x.device().str(),
-                     describe(in.lengths));
-  }
-}
+// Custom-op kernels get no device guard of their own: without one, a CUDA input on another device
+// than the current one would have its kernels (and the persistent kernel's occupancy query) run
+// on the current device and stream.
+#ifdef FASTNN_WITH_CUDA
+#define FASTNN_RNN_DEVICE_GUARD(input) \
+  const c10::cuda::OptionalCUDAGuard device_guard_( \
+      (input).is_cuda() ? c10::optional<c10::Device>((input).device()) : c10::nullopt)
+#else
+#define FASTNN_RNN_DEVICE_GUARD(input) (void)0
+#endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_forward(const SeqInputs& in) {
   validate(in);
+  FASTNN_RNN_DEVICE_GUARD(in.input);
   // The kernel computes what autograd would: it must not record the GEMMs it runs (autograd for
   // the op is registered in Python, around the whole kernel).
   at::NoGradGuard no_grad;
+  // Nor may autocast recast them: the op (called under torch.autocast) does its math in its own
+  // math dtype, and an autocast GEMM into a float32 buffer fails.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (in.input.scalar_type() == at::kDouble) return forward_impl<double>(in);
   return forward_impl<float>(in);
 }
@@ -430,24 +438,11 @@ std::array<at::Tensor, 8> seq_backward(const SeqInputs& in, const at::Tensor& gr
                                        const at::Tensor& output, const at::Tensor& workspace,
                                        const std::array<bool, 8>& need) {
   validate(in);
+  FASTNN_RNN_DEVICE_GUARD(in.input);
   at::NoGradGuard no_grad;
-  const Dims d = dims_of(in);
-  auto check = [&](const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape,
-                   at::ScalarType dtype) {
-    if (!t.defined()) return;
-    const std::string arg = in.op + "_backward: " + name;
-    FASTNN_CHECK_ARG(t.sizes().equals(shape) && t.scalar_type() == dtype &&
-                         t.device() == in.input.device(),
-                     arg, "a " + std::string(c10::toString(dtype)) + " tensor of shape " +
-                              shape_str(shape) + " on " + in.input.device().str(),
-                     describe(t));
-  };
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  validate_backward(in, grad_output, grad_h_n, grad_c_n, output, workspace);
   const auto dt = in.input.scalar_type();
-  check(grad_output, "grad_output", {d.T, d.B, d.P}, dt);
-  check(grad_h_n, "grad_h_n", {d.B, d.P}, dt);
-  if (in.cell == Cell::LSTM) check(grad_c_n, "grad_c_n", {d.B, d.H}, dt);
-  check(output, "output", {d.T, d.B, d.P}, dt);
-  check(workspace, "workspace", {d.T, d.B, d.WS}, math_type(dt));
   if (dt == at::kDouble) return backward_impl<double>(in, grad_output, grad_h_n, grad_c_n, output, workspace, need);
   return backward_impl<float>(in, grad_output, grad_h_n, grad_c_n, output, workspace, need);
 }

@@ -1,7 +1,8 @@
 """Recurrent ops: one layer and direction of LSTM/GRU/RNN over a sequence, and one LSTM/GRU step.
 
 Public functional API (each a :class:`fastnn.backends.Op`; the backend is chosen per call), with
-the signatures and outputs of the ``fastnn::`` ops and of ``fastnn.reference.rnn``:
+the signatures of ``fastnn.reference.rnn`` (see there, or ``help(fastnn.ops.lstm_seq)``, for the
+arguments, shapes and outputs):
 
 * ``lstm_seq(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_mask, reverse)
   -> (output, h_n, c_n, workspace)``
@@ -11,11 +12,20 @@ the signatures and outputs of the ``fastnn::`` ops and of ``fastnn.reference.rnn
 * ``lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> (hy, cy, workspace)``
 * ``gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh) -> (hy, workspace)``
 
-``input`` is time-major ``[T, B, I]``; see fastnn/reference/rnn.py for ``lengths`` (padding),
-``h_mask`` (variational recurrent dropout) and the workspace. Backends: ``cpu``/``cuda`` run the
-compiled ops (autograd through the ``*_backward`` ops registered here), ``triton`` the fused
-Triton cells (``fastnn::triton_lstm_cell``/``triton_gru_cell``), ``reference`` the pure-PyTorch
-code (autograd by PyTorch).
+Backends: ``cpu``/``cuda`` run the compiled ops (autograd through the ``*_backward`` ops
+registered here), ``triton`` the fused Triton cells (``fastnn::triton_lstm_cell``/``triton_gru_cell``,
+kernels and launchers in kernels/triton/rnn.py), ``reference`` the pure-PyTorch code (autograd
+by PyTorch).
+
+Argument checks: this module owns the user-facing ones (every argument's type, shape, dtype and
+device, ``nonlinearity``, and on CPU tensors the values of ``lengths``), run once per call before
+a backend is chosen, so every backend gives the same error. The compiled ops keep their own
+shape/dtype/device checks (csrc/rnn/rnn_engine.cpp: ``validate``), because ``torch.ops.fastnn.*``
+and their ``*_backward`` can be called directly and the kernels index buffers by those shapes;
+the Triton ops check the same here, in their bodies. ``lengths`` only ever enters comparisons
+(``t < lengths[b]``) in every kernel, so unchecked values cannot reach memory out of bounds; on
+CUDA tensors they are not read back (no host synchronisation): a value outside ``[0, T]`` acts as
+its clamp.
 """
 
 from __future__ import annotations
@@ -26,78 +36,131 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_like, check_tensor, dtype_names, fail
 from ..backends import Op
 from ..reference import rnn as ref
 
 __all__ = ["lstm_seq", "gru_seq", "rnn_seq", "lstm_cell", "gru_cell", "FLOAT_DTYPES", "validate"]
 
 Tensor = torch.Tensor
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument checks for the Python backends (the compiled ops check the same in C++, with the same
-# wording).
+# Argument checks (see the module docstring for who owns which).
 
-def _describe(t: Tensor) -> str:
-    return f"tensor of shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"
+def _check_weights(kind: str, op: str, input: Tensor, states: tuple, w_ih: Tensor, w_hh: Tensor,
+                   b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+                   h_mask: Optional[Tensor]) -> None:
+    """Everything but ``input``'s own rank and dtype. ``input`` is [..., B, I]; ``states`` the
+    (name, tensor) pairs of the hidden state and, for LSTM, the cell state."""
+    B, I = input.shape[-2], input.shape[-1]
+    gates = GATES[kind]
+    check_tensor(w_hh, "w_hh", dim=2, op=op)
+    G = w_hh.shape[0]
+    if G == 0 or G % gates:
+        fail("w_hh", f"a 2-d tensor [{gates}*hidden_size, P] with hidden_size > 0", w_hh, op=op)
+    H = G // gates
+    P = H
+    if w_hr is not None:
+        check_tensor(w_hr, "w_hr", op=op)
+        if kind != "lstm":
+            fail("w_hr", "None (projections are LSTM-only)", w_hr, op=op)
+        if w_hr.dim() != 2 or w_hr.shape[1] != H or not 0 < w_hr.shape[0] < H:
+            fail("w_hr", f"a tensor [proj_size, {H}] with 0 < proj_size < hidden_size", w_hr, op=op)
+        P = w_hr.shape[0]
+    check_like(w_ih, "w_ih", input, "input", shape=(G, I), op=op)
+    check_like(w_hh, "w_hh", input, "input", shape=(G, P), op=op)
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            check_like(b, name, input, "input", shape=(G,), op=op)
+    if w_hr is not None:
+        check_like(w_hr, "w_hr", input, "input", shape=(P, H), op=op)
+    for (name, s), width in zip(states, (P, H)):
+        check_like(s, name, input, "input", shape=(B, width), op=op)
+    if h_mask is not None:
+        check_like(h_mask, "h_mask", input, "input", shape=(B, P), op=op)
 
 
-def _fail(op: str, arg: str, expected: str, t) -> None:
-    got = _describe(t) if isinstance(t, Tensor) else repr(t)
-    raise ValueError(f"fastnn: argument '{op}: {arg}': expected {expected}, got {got}")
+def _check_lengths(op: str, lengths: Optional[Tensor], input: Tensor) -> None:
+    if lengths is None:
+        return
+    T, B = input.shape[0], input.shape[1]
+    check_tensor(lengths, "lengths", dim=1, dtypes=INDEX_DTYPES, device=input.device, op=op)
+    if lengths.shape[0] != B:
+        fail("lengths", f"an int64 tensor of shape [{B}] on {input.device}", lengths, op=op)
+    # values: read on the CPU only (see the module docstring); not while torch.compile traces
+    if lengths.device.type == "cpu" and B > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > T:
+            fail("lengths", f"values in [0, {T}] (the number of steps)", f"values in [{lo}, {hi}]", op=op)
+
+
+def _check_seq(kind: str, op: str, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_mask, reverse) -> None:
+    check_tensor(input, "input", dim=3, dtypes=FLOAT_DTYPES, op=op)
+    if not isinstance(reverse, bool):
+        fail("reverse", "a bool", reverse, op=op, error=TypeError)
+    states = (("h0", h0),) + ((("c0", c0),) if kind == "lstm" else ())
+    for name, s in states:
+        check_tensor(s, name, op=op)
+    _check_weights(kind, op, input, states, w_ih, w_hh, b_ih, b_hh, w_hr, h_mask)
+    _check_lengths(op, lengths, input)
 
 
 def validate(kind: str, op: str, input: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor] = None,
              lengths: Optional[Tensor] = None, h_mask: Optional[Tensor] = None) -> None:
-    """Shapes, dtypes and devices of one sequence call (``input`` [T, B, I])."""
-    if input.dim() != 3:
-        _fail(op, "input", "a 3-D tensor [T, B, input_size]", input)
-    if input.dtype not in FLOAT_DTYPES:
-        _fail(op, "input", "a float32, float64, bfloat16 or float16 tensor", input)
-    gates = GATES[kind]
-    if w_hh.dim() != 2 or w_hh.shape[0] % gates or w_hh.shape[0] == 0:
-        _fail(op, "w_hh", f"a 2-D tensor [{gates}*hidden_size, P]", w_hh)
-    G = w_hh.shape[0]
-    H = G // gates
-    T, B, I = input.shape
-    if w_hr is not None:
-        if kind != "lstm":
-            _fail(op, "w_hr", "None (projections are LSTM-only)", w_hr)
-        if w_hr.dim() != 2 or w_hr.shape[1] != H or not 0 < w_hr.shape[0] < H:
-            _fail(op, "w_hr", f"a tensor [proj_size, {H}] with 0 < proj_size < hidden_size", w_hr)
-    P = H if w_hr is None else w_hr.shape[0]
-
-    def like(t, name, shape):
-        if tuple(t.shape) != tuple(shape):
-            _fail(op, name, f"a tensor of shape {list(shape)}", t)
-        if t.dtype != input.dtype or t.device != input.device:
-            _fail(op, name, f"the dtype and device of 'input' ({input.dtype}, {input.device})", t)
-
-    like(w_ih, "w_ih", (G, I))
-    like(w_hh, "w_hh", (G, P))
-    if b_ih is not None:
-        like(b_ih, "b_ih", (G,))
-    if b_hh is not None:
-        like(b_hh, "b_hh", (G,))
-    if w_hr is not None:
-        like(w_hr, "w_hr", (P, H))
-    like(h0, "h0", (B, P))
-    if kind == "lstm":
-        like(c0, "c0", (B, H))
-    if h_mask is not None:
-        like(h_mask, "h_mask", (B, P))
-    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != B or lengths.dtype != torch.int64
-                                or lengths.device != input.device):
-        _fail(op, "lengths", f"an int64 tensor of shape [{B}] on {input.device}", lengths)
+    """Shapes, dtypes and devices of one sequence call (``input`` [T, B, I]); ``kind`` is lstm,
+    gru or rnn, ``op`` the name the errors give."""
+    _check_seq(kind, op, input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_mask, False)
 
 
-def _check_cell_input(op: str, input: Tensor) -> None:
-    if input.dim() != 2:
-        _fail(op, "input", "a 2-D tensor [B, input_size]", input)
+def _check_cell(kind: str, op: str, input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> None:
+    check_tensor(input, "input", dim=2, dtypes=FLOAT_DTYPES, op=op)
+    states = (("hx", hx),) + ((("cx", cx),) if kind == "lstm" else ())
+    for name, s in states:
+        check_tensor(s, name, op=op)
+    _check_weights(kind, op, input, states, w_ih, w_hh, b_ih, b_hh, None, None)
+
+
+def _validate_lstm_seq(a) -> None:
+    _check_seq("lstm", "lstm_seq", a.input, a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh, a.w_hr, a.lengths,
+               a.h_mask, a.reverse)
+
+
+def _validate_gru_seq(a) -> None:
+    _check_seq("gru", "gru_seq", a.input, a.h0, None, a.w_ih, a.w_hh, a.b_ih, a.b_hh, None, a.lengths, a.h_mask,
+               a.reverse)
+
+
+def _validate_rnn_seq(a) -> None:
+    if a.nonlinearity not in ("tanh", "relu"):
+        fail("nonlinearity", "'tanh' or 'relu'", a.nonlinearity, op="rnn_seq")
+    _check_seq("rnn", "rnn_seq", a.input, a.h0, None, a.w_ih, a.w_hh, a.b_ih, a.b_hh, None, a.lengths, a.h_mask,
+               a.reverse)
+
+
+def _validate_lstm_cell(a) -> None:
+    _check_cell("lstm", "lstm_cell", a.input, a.hx, a.cx, a.w_ih, a.w_hh, a.b_ih, a.b_hh)
+
+
+def _validate_gru_cell(a) -> None:
+    _check_cell("gru", "gru_cell", a.input, a.hx, None, a.w_ih, a.w_hh, a.b_ih, a.b_hh)
+
+
+def _check_cell_backward(kind: str, op: str, grads: tuple, hy: Tensor, workspace: Tensor, input: Tensor,
+                         hx: Tensor) -> None:
+    """The tensors a Triton cell backward reads besides the forward's (checked by _check_cell)."""
+    H = hx.shape[1]
+    for name, g in grads:
+        if g is not None:
+            check_like(g, name, hx, "hx", op=op)
+    check_like(hy, "hy", hx, "hx", op=op)
+    check_tensor(workspace, "workspace", dtypes=(torch.float32,), device=input.device, op=op)
+    width = (5 if kind == "lstm" else 4) * H
+    if tuple(workspace.shape) != (hx.shape[0], width):
+        fail("workspace", f"a float32 tensor of shape [{hx.shape[0]}, {width}]", workspace, op=op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,26 +191,20 @@ def _fake_forward(spec: _Spec):
     def fake(input, h0, *rest):
         md = ref.math_dtype(input.dtype)
         if spec.kind == "lstm":
-            c0, w_ih, w_hh = rest[0], rest[1], rest[2]
+            w_hh = rest[2]
             w_hr = None if spec.cell else rest[5]
         else:
-            w_ih, w_hh = rest[0], rest[1]
-            w_hr = None
+            w_hh, w_hr = rest[1], None
         H = w_hh.shape[0] // GATES[spec.kind]
         P = H if w_hr is None else w_hr.shape[0]
         ws_cols = {"lstm": 5 * H, "gru": 4 * H, "rnn": 0}[spec.kind]
-        if spec.cell:
-            B = input.shape[0]
-            outs = [input.new_empty((B, P))]
-            if spec.kind == "lstm":
-                outs.append(input.new_empty((B, H)))
-            outs.append(input.new_empty((B, ws_cols), dtype=md))
-            return tuple(outs)
-        T, B = input.shape[0], input.shape[1]
-        outs = [input.new_empty((T, B, P)), input.new_empty((B, P))]
+        lead = (input.shape[0],) if spec.cell else (input.shape[0], input.shape[1])
+        B = lead[-1]
+        outs = [] if spec.cell else [input.new_empty((lead[0], B, P))]
+        outs.append(input.new_empty((B, P)))
         if spec.kind == "lstm":
             outs.append(input.new_empty((B, H)))
-        outs.append(input.new_empty((T, B, ws_cols), dtype=md))
+        outs.append(input.new_empty(lead + (ws_cols,), dtype=md))
         return tuple(outs)
     return fake
 
@@ -199,120 +256,32 @@ def _register_native(_module) -> None:
 # ---------------------------------------------------------------------------------------------
 # The public ops.
 
-def _dtypes(allowed: tuple[torch.dtype, ...], what: str):
-    def supports(input, *args, **kwargs) -> str | None:
-        if input.dtype not in allowed:
-            return f"argument 'input' is {input.dtype}; {what} covers {', '.join(str(d) for d in allowed)}"
-        return None
-    return supports
+lstm_seq = Op("lstm_seq", signature=ref.lstm_seq, validate=_validate_lstm_seq)
+gru_seq = Op("gru_seq", signature=ref.gru_seq, validate=_validate_gru_seq)
+rnn_seq = Op("rnn_seq", signature=ref.rnn_seq, validate=_validate_rnn_seq)
+lstm_cell = Op("lstm_cell", signature=ref.lstm_cell, validate=_validate_lstm_cell)
+gru_cell = Op("gru_cell", signature=ref.gru_cell, validate=_validate_gru_cell)
 
 
-_NATIVE = _dtypes(FLOAT_DTYPES, "the compiled kernel")
-
-lstm_seq = Op("lstm_seq")
-gru_seq = Op("gru_seq")
-rnn_seq = Op("rnn_seq")
-lstm_cell = Op("lstm_cell", preference={"cuda": ("cuda", "triton", "reference")})
-gru_cell = Op("gru_cell", preference={"cuda": ("cuda", "triton", "reference")})
-
-
-@lstm_seq.register("reference")
-def _lstm_seq_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_mask, reverse):
-    validate("lstm", "lstm_seq", input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_mask)
-    return ref.lstm_seq(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, h_mask, reverse)
+def _native(name: str):
+    """The compiled op ``fastnn::<name>``, called with the bound arguments (its schema's names)."""
+    def run(**a):
+        return getattr(torch.ops.fastnn, name)(**a)
+    run.__name__ = f"_{name}_native"
+    return run
 
 
-@lstm_seq.register("cpu", native="lstm_seq", supports=_NATIVE)
-@lstm_seq.register("cuda", native="lstm_seq", supports=_NATIVE)
-def _lstm_seq_native(*args):
-    return torch.ops.fastnn.lstm_seq(*args)
-
-
-@gru_seq.register("reference")
-def _gru_seq_reference(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, h_mask, reverse):
-    validate("gru", "gru_seq", input, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, h_mask)
-    return ref.gru_seq(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, h_mask, reverse)
-
-
-@gru_seq.register("cpu", native="gru_seq", supports=_NATIVE)
-@gru_seq.register("cuda", native="gru_seq", supports=_NATIVE)
-def _gru_seq_native(*args):
-    return torch.ops.fastnn.gru_seq(*args)
-
-
-@rnn_seq.register("reference")
-def _rnn_seq_reference(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, h_mask, reverse, nonlinearity):
-    validate("rnn", "rnn_seq", input, h0, None, w_ih, w_hh, b_ih, b_hh, None, lengths, h_mask)
-    return ref.rnn_seq(input, h0, w_ih, w_hh, b_ih, b_hh, lengths, h_mask, reverse, nonlinearity)
-
-
-@rnn_seq.register("cpu", native="rnn_seq", supports=_NATIVE)
-@rnn_seq.register("cuda", native="rnn_seq", supports=_NATIVE)
-def _rnn_seq_native(*args):
-    return torch.ops.fastnn.rnn_seq(*args)
-
-
-def _validate_cell(kind, op, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-    _check_cell_input(op, input)
-    validate(kind, op, input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh)
-
-
-@lstm_cell.register("reference")
-def _lstm_cell_reference(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-    _validate_cell("lstm", "lstm_cell", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-    return ref.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-
-
-@lstm_cell.register("cpu", native="lstm_cell", supports=_NATIVE)
-@lstm_cell.register("cuda", native="lstm_cell", supports=_NATIVE)
-def _lstm_cell_native(*args):
-    return torch.ops.fastnn.lstm_cell(*args)
-
-
-@gru_cell.register("reference")
-def _gru_cell_reference(input, hx, w_ih, w_hh, b_ih, b_hh):
-    _validate_cell("gru", "gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
-    return ref.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-
-
-@gru_cell.register("cpu", native="gru_cell", supports=_NATIVE)
-@gru_cell.register("cuda", native="gru_cell", supports=_NATIVE)
-def _gru_cell_native(*args):
-    return torch.ops.fastnn.gru_cell(*args)
+for _op, _ref_fn in ((lstm_seq, ref.lstm_seq), (gru_seq, ref.gru_seq), (rnn_seq, ref.rnn_seq),
+                     (lstm_cell, ref.lstm_cell), (gru_cell, ref.gru_cell)):
+    _op.register("reference")(_ref_fn)
+    for _device in ("cpu", "cuda"):
+        _op.register(_device, native=_op.name)(_native(_op.name))
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton cells: fastnn::triton_lstm_cell / triton_gru_cell (torch.library.triton_op, so that
 # torch.compile sees the kernels) with the signatures and workspace of the compiled cells, and
 # backward ops of the same convention: a Triton pointwise kernel, then torch GEMMs in fp32.
-
-_BLOCK_B, _BLOCK_H, _BLOCK_K, _BLOCK = 16, 32, 32, 1024
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: no TF32, to match the reference
-
-
-def _grid(B: int, H: int):
-    import triton
-    return (triton.cdiv(B, _BLOCK_B), triton.cdiv(H, _BLOCK_H))
-
-
-def _empty_grads(inputs, need):
-    ref_t = inputs[0]
-    return [ref_t.new_empty(ref.EMPTY_GRAD) for _ in need]
-
-
-def _finish_grads(pairs, inputs, need):
-    """pairs: gradient (fp32) per input slot or None; cast to each input's dtype, empty if unwanted."""
-    out = []
-    for g, x, n in zip(pairs, inputs, need):
-        if n and x is not None and g is not None:
-            out.append(g.to(x.dtype).reshape(x.shape))
-        else:
-            out.append(inputs[0].new_empty(ref.EMPTY_GRAD))
-    return tuple(out)
-
 
 def _kernels():
     # Imported on first use: importing fastnn does not import Triton.
@@ -323,74 +292,39 @@ def _kernels():
 def _register_triton() -> None:
     if not hasattr(torch.library, "triton_op"):
         return
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     @triton_op("fastnn::triton_lstm_cell", mutates_args=())
     def triton_lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                          b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        B, I = input.shape
-        H = w_hh.shape[1]
-        hy, cy = torch.empty_like(hx), torch.empty_like(cx)
-        ws = input.new_empty((B, 5 * H), dtype=torch.float32)
-        if B > 0:
-            x, h, c = input.contiguous(), hx.contiguous(), cx.contiguous()
-            has_bias = b_ih is not None
-            wrap_triton(_kernels().lstm_cell_fwd)[_grid(B, H)](
-                x, h, c, w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else x, b_hh if has_bias else x,
-                hy, cy, ws, B, I, H, HAS_BIAS=has_bias, PRECISION=_precision(input.dtype), BLOCK_B=_BLOCK_B,
-                BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K)
-        return hy, cy, ws
+        _check_cell("lstm", "triton_lstm_cell", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        return _kernels().lstm_cell_forward(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
     @triton_op("fastnn::triton_gru_cell", mutates_args=())
     def triton_gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                         b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        B, I = input.shape
-        H = w_hh.shape[1]
-        hy = torch.empty_like(hx)
-        ws = input.new_empty((B, 4 * H), dtype=torch.float32)
-        if B > 0:
-            x, h = input.contiguous(), hx.contiguous()
-            has_bias = b_ih is not None
-            wrap_triton(_kernels().gru_cell_fwd)[_grid(B, H)](
-                x, h, w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else x, b_hh if has_bias else x,
-                hy, ws, B, I, H, HAS_BIAS=has_bias, PRECISION=_precision(input.dtype), BLOCK_B=_BLOCK_B,
-                BLOCK_H=_BLOCK_H, BLOCK_K=_BLOCK_K)
-        return hy, ws
+        _check_cell("gru", "triton_gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
+        return _kernels().gru_cell_forward(input, hx, w_ih, w_hh, b_ih, b_hh)
 
     @triton_op("fastnn::triton_lstm_cell_backward", mutates_args=())
     def triton_lstm_cell_backward(grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], input: Tensor, hx: Tensor,
                                   cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                                   b_hh: Optional[Tensor], hy: Tensor, workspace: Tensor,
                                   output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        B, H = cx.shape
-        dhy = grad_hy.contiguous() if grad_hy is not None else torch.zeros_like(hx)
-        dcy = grad_cy.contiguous() if grad_cy is not None else torch.zeros_like(cx)
-        dg = input.new_empty((B, 4 * H), dtype=torch.float32)
-        dcx = input.new_empty((B, H), dtype=torch.float32)
-        if B > 0:
-            import triton
-            wrap_triton(_kernels().lstm_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
-                workspace.contiguous(), cx.contiguous(), dhy, dcy, dg, dcx, B * H, H, BLOCK=_BLOCK)
-        db = dg.sum(0)
-        grads = [dg @ w_ih.float(), dg @ w_hh.float(), dcx, dg.t() @ input.float(), dg.t() @ hx.float(), db, db.clone()]
-        return _finish_grads(grads, [input, hx, cx, w_ih, w_hh, b_ih, b_hh], output_mask)
+        op = "triton_lstm_cell_backward"
+        _check_cell("lstm", op, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        _check_cell_backward("lstm", op, (("grad_hy", grad_hy), ("grad_cy", grad_cy)), hy, workspace, input, hx)
+        return _kernels().lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy, workspace,
+                                             output_mask)
 
     @triton_op("fastnn::triton_gru_cell_backward", mutates_args=())
     def triton_gru_cell_backward(grad_hy: Optional[Tensor], input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
                                  b_ih: Optional[Tensor], b_hh: Optional[Tensor], hy: Tensor, workspace: Tensor,
                                  output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        B, H = hx.shape
-        dhy = grad_hy.contiguous() if grad_hy is not None else torch.zeros_like(hx)
-        dgi = input.new_empty((B, 3 * H), dtype=torch.float32)
-        dgh = input.new_empty((B, 3 * H), dtype=torch.float32)
-        direct = input.new_empty((B, H), dtype=torch.float32)
-        if B > 0:
-            import triton
-            wrap_triton(_kernels().gru_cell_bwd)[(triton.cdiv(B * H, _BLOCK),)](
-                workspace.contiguous(), hx.contiguous(), dhy, dgi, dgh, direct, B * H, H, BLOCK=_BLOCK)
-        grads = [dgi @ w_ih.float(), dgh @ w_hh.float() + direct, dgi.t() @ input.float(), dgh.t() @ hx.float(),
-                 dgi.sum(0), dgh.sum(0)]
-        return _finish_grads(grads, [input, hx, w_ih, w_hh, b_ih, b_hh], output_mask)
+        op = "triton_gru_cell_backward"
+        _check_cell("gru", op, input, hx, None, w_ih, w_hh, b_ih, b_hh)
+        _check_cell_backward("gru", op, (("grad_hy", grad_hy),), hy, workspace, input, hx)
+        return _kernels().gru_cell_backward(grad_hy, input, hx, w_ih, w_hh, b_ih, b_hh, hy, workspace, output_mask)
 
     for fwd, bwd, spec in ((triton_lstm_cell, triton_lstm_cell_backward, SPECS["lstm_cell"]),
                            (triton_gru_cell, triton_gru_cell_backward, SPECS["gru_cell"])):
@@ -401,19 +335,17 @@ def _register_triton() -> None:
         fwd.register_fake(_fake_forward(spec))
         bwd.register_fake(_fake_backward(spec))
 
-    def _triton_dtypes(input, *args, **kwargs):
-        if input.dtype not in TRITON_DTYPES:
-            return f"argument 'input' is {input.dtype}; the Triton kernel covers float32, bfloat16, float16"
+    def _triton_dtypes(a) -> Optional[str]:
+        if a.input.dtype not in TRITON_DTYPES:
+            return f"argument 'input' is {a.input.dtype}; the Triton kernel covers {dtype_names(TRITON_DTYPES)}"
         return None
 
     @lstm_cell.register("triton", supports=_triton_dtypes)
     def _lstm_cell_triton(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-        _validate_cell("lstm", "lstm_cell", input, hx, cx, w_ih, w_hh, b_ih, b_hh)
         return torch.ops.fastnn.triton_lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh)
 
     @gru_cell.register("triton", supports=_triton_dtypes)
     def _gru_cell_triton(input, hx, w_ih, w_hh, b_ih, b_hh):
-        _validate_cell("gru", "gru_cell", input, hx, None, w_ih, w_hh, b_ih, b_hh)
         return torch.ops.fastnn.triton_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
 
 

@@ -78,12 +78,24 @@ def _run(step, input: Tensor, states: list[Tensor], w_ih: Tensor, b_ih: Optional
     return out, states, ws  # type: ignore[return-value]
 
 
-def lstm_seq(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-             b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor], h_mask: Optional[Tensor],
-             reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One LSTM layer and direction: ``(output [T,B,P], h_n [B,P], c_n [B,H], workspace [T,B,5H])``.
+def lstm_seq(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None, w_hr: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+             h_mask: Optional[Tensor] = None, reverse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One LSTM layer and direction over a time-major sequence.
 
-    ``w_hr`` ([P, H]) is torch.nn.LSTM's projection (``proj_size``); P = H without it.
+    Arguments (G = 4H gate rows in torch.nn's order i, f, g, o; P = proj_size, or H without one;
+    every float tensor has ``input``'s dtype and device):
+
+    * ``input`` [T, B, I]: float32, float64, bfloat16 or float16.
+    * ``h0`` [B, P], ``c0`` [B, H]: the initial hidden and cell states.
+    * ``w_ih`` [G, I], ``w_hh`` [G, P], ``b_ih`` / ``b_hh`` [G] or None (each on its own).
+    * ``w_hr`` [P, H] or None: torch.nn.LSTM's projection (``proj_size``).
+    * ``lengths`` int64 [B] or None: sequence b occupies steps 0 .. lengths[b]-1 (values in [0, T]).
+    * ``h_mask`` [B, P] or None: variational recurrent dropout mask on the state entering W_hh.
+    * ``reverse``: run from the last step to the first.
+
+    Returns ``(output [T, B, P], h_n [B, P], c_n [B, H], workspace [T, B, 5H])``; the workspace
+    (activated gates and cell state, float32 for bf16/fp16 inputs) is what the backward reads.
     """
     H = w_hh.shape[1] if w_hr is None else w_hr.shape[1]
 
@@ -104,10 +116,18 @@ def lstm_seq(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, 
     return out, hn, cn, ws.to(math_dtype(input.dtype))
 
 
-def gru_seq(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-            lengths: Optional[Tensor], h_mask: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One GRU layer and direction: ``(output [T,B,H], h_n [B,H], workspace [T,B,4H])``, with torch's
-    ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``."""
+def gru_seq(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+            b_hh: Optional[Tensor] = None, lengths: Optional[Tensor] = None, h_mask: Optional[Tensor] = None,
+            reverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One GRU layer and direction, with torch's ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``.
+
+    Arguments as :func:`lstm_seq`'s (G = 3H gate rows r, z, n; no cell state, no projection):
+    ``input`` [T, B, I], ``h0`` [B, H], ``w_ih`` [G, I], ``w_hh`` [G, H], ``b_ih`` / ``b_hh`` [G] or
+    None, ``lengths`` int64 [B] or None, ``h_mask`` [B, H] or None, ``reverse``.
+
+    Returns ``(output [T, B, H], h_n [B, H], workspace [T, B, 4H])`` (workspace: r, z, n and
+    ``W_hn h + b_hn``, float32 for bf16/fp16 inputs).
+    """
     H = w_hh.shape[1]
 
     def step(gi_t, states):
@@ -127,11 +147,14 @@ def gru_seq(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optiona
     return out, hn, ws.to(math_dtype(input.dtype))
 
 
-def rnn_seq(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-            lengths: Optional[Tensor], h_mask: Optional[Tensor], reverse: bool,
-            nonlinearity: str) -> tuple[Tensor, Tensor, Tensor]:
-    """One Elman RNN layer and direction (``nonlinearity`` "tanh" or "relu"):
-    ``(output [T,B,H], h_n [B,H], workspace [T,B,0])``."""
+def rnn_seq(input: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+            b_hh: Optional[Tensor] = None, lengths: Optional[Tensor] = None, h_mask: Optional[Tensor] = None,
+            reverse: bool = False, nonlinearity: str = "tanh") -> tuple[Tensor, Tensor, Tensor]:
+    """One Elman RNN layer and direction: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``.
+
+    Arguments as :func:`gru_seq`'s with G = H, and ``nonlinearity`` "tanh" or "relu".
+    Returns ``(output [T, B, H], h_n [B, H], workspace [T, B, 0])``.
+    """
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"fastnn: argument 'nonlinearity': expected 'tanh' or 'relu', got {nonlinearity!r}")
     act = torch.tanh if nonlinearity == "tanh" else torch.relu
@@ -213,14 +236,20 @@ def rnn_seq_backward(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], 
 # Cells: one step, ``input [B, I]``. The workspace is the sequence op's, for one step: ``[B, 5H]``
 # (LSTM) or ``[B, 4H]`` (GRU).
 
-def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-              b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+              b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM step: ``input`` [B, I], ``hx`` / ``cx`` [B, H], ``w_ih`` [4H, I], ``w_hh`` [4H, H],
+    ``b_ih`` / ``b_hh`` [4H] or None (float32, float64, bfloat16 or float16, all of ``input``'s dtype
+    and device). Returns ``(hy [B, H], cy [B, H], workspace [B, 5H])``."""
     out, hy, cy, ws = lstm_seq(input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh, None, None, None, False)
     return hy, cy, ws[0]
 
 
-def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-             b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One GRU step: ``input`` [B, I], ``hx`` [B, H], ``w_ih`` [3H, I], ``w_hh`` [3H, H], ``b_ih`` /
+    ``b_hh`` [3H] or None (float32, float64, bfloat16 or float16, all of ``input``'s dtype and
+    device). Returns ``(hy [B, H], workspace [B, 4H])``."""
     out, hy, ws = gru_seq(input.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh, None, None, False)
     return hy, ws[0]
 

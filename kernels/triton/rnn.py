@@ -9,15 +9,29 @@ transposed copy), and ends with the gate math, writing h', c' and the workspace 
 (LSTM: activated gates and c'; GRU: r, z, n, W_hn h + b_hn) - the layout of fastnn::lstm_cell.
 
 Backward: one pointwise kernel turns the output gradients into the pre-activation gradients (and
-the previous cell state's); the GEMMs that follow are torch.matmul calls in the op
-(fastnn/ops/rnn_triton.py). Accumulation is fp32 for bf16/fp16 inputs, and fp32 products use
-IEEE precision (no TF32), so results match the reference at fp32 tolerance.
+the previous cell state's); the GEMMs that follow are torch matmuls in the launchers below.
+Accumulation is fp32 for bf16/fp16 inputs, and fp32 products use IEEE precision (no TF32), so
+results match the reference at fp32 tolerance.
+
+The launchers (``lstm_cell_forward`` etc.) take the arguments of ``fastnn::lstm_cell`` (already
+validated by fastnn/ops/rnn.py) in any layout: the kernels read row-major buffers, so every
+operand is made contiguous and every output is allocated contiguous (an ``empty_like`` of a
+transposed ``hx`` would keep its strides while the kernel writes rows). Each bias has its own flag
+(either may be None without the other), and every launch runs on the tensors' device.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+Tensor = torch.Tensor
+BLOCK_B, BLOCK_H, BLOCK_K, BLOCK = 16, 32, 32, 1024
 
 
 @triton.jit
@@ -48,14 +62,22 @@ def _gate_products(acc, a_ptr, stride_a, w_ptr, K, row0, rows, cols, B, H, BLOCK
 
 
 @triton.jit
-def _bias(b_ptr, off, cols, cmask):
-    """One gate's bias as a [1, BLOCK_H] row in fp32."""
-    return tl.load(b_ptr + off + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+def _bias(b_ptr, off, cols, cmask, HAS: tl.constexpr):
+    """One gate's bias as a [1, BLOCK_H] row in fp32 (zeros without the bias)."""
+    if HAS:
+        return tl.load(b_ptr + off + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return tl.zeros_like(cols).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _biases(b_ih_ptr, b_hh_ptr, off, cols, cmask, HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr):
+    """b_ih + b_hh of one gate, each only if given."""
+    return _bias(b_ih_ptr, off, cols, cmask, HAS_B_IH) + _bias(b_hh_ptr, off, cols, cmask, HAS_B_HH)
 
 
 @triton.jit
 def lstm_cell_fwd(x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, cy_ptr, ws_ptr,
-                  B, I, H, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                  B, I, H, HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -72,11 +94,10 @@ def lstm_cell_fwd(x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, h
     acc_g = _gate_products(acc_g, h_ptr, H, w_hh_ptr, H, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
     acc_o = _gate_products(acc_o, h_ptr, H, w_hh_ptr, H, 3 * H, rows, cols, B, H, BLOCK_K, PRECISION)
     cmask = cols < H
-    if HAS_BIAS:
-        acc_i += _bias(b_ih_ptr, 0 * H, cols, cmask) + _bias(b_hh_ptr, 0 * H, cols, cmask)
-        acc_f += _bias(b_ih_ptr, 1 * H, cols, cmask) + _bias(b_hh_ptr, 1 * H, cols, cmask)
-        acc_g += _bias(b_ih_ptr, 2 * H, cols, cmask) + _bias(b_hh_ptr, 2 * H, cols, cmask)
-        acc_o += _bias(b_ih_ptr, 3 * H, cols, cmask) + _bias(b_hh_ptr, 3 * H, cols, cmask)
+    acc_i += _biases(b_ih_ptr, b_hh_ptr, 0 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
+    acc_f += _biases(b_ih_ptr, b_hh_ptr, 1 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
+    acc_g += _biases(b_ih_ptr, b_hh_ptr, 2 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
+    acc_o += _biases(b_ih_ptr, b_hh_ptr, 3 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
     i = _sigmoid(acc_i)
     f = _sigmoid(acc_f)
     g = _tanh(acc_g)
@@ -98,7 +119,7 @@ def lstm_cell_fwd(x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, h
 
 @triton.jit
 def gru_cell_fwd(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, ws_ptr,
-                 B, I, H, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                 B, I, H, HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -113,11 +134,10 @@ def gru_cell_fwd(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, w
     acc_z = _gate_products(acc_z, h_ptr, H, w_hh_ptr, H, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
     acc_hn = _gate_products(acc_hn, h_ptr, H, w_hh_ptr, H, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
     cmask = cols < H
-    if HAS_BIAS:
-        acc_r += _bias(b_ih_ptr, 0 * H, cols, cmask) + _bias(b_hh_ptr, 0 * H, cols, cmask)
-        acc_z += _bias(b_ih_ptr, 1 * H, cols, cmask) + _bias(b_hh_ptr, 1 * H, cols, cmask)
-        acc_xn += _bias(b_ih_ptr, 2 * H, cols, cmask)
-        acc_hn += _bias(b_hh_ptr, 2 * H, cols, cmask)
+    acc_r += _biases(b_ih_ptr, b_hh_ptr, 0 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
+    acc_z += _biases(b_ih_ptr, b_hh_ptr, 1 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
+    acc_xn += _bias(b_ih_ptr, 2 * H, cols, cmask, HAS_B_IH)
+    acc_hn += _bias(b_hh_ptr, 2 * H, cols, cmask, HAS_B_HH)
     r = _sigmoid(acc_r)
     z = _sigmoid(acc_z)
     n = _tanh(acc_xn + r * acc_hn)
@@ -186,3 +206,97 @@ def gru_cell_bwd(ws_ptr, hx_ptr, dhy_ptr, dgi_ptr, dgh_ptr, dh_direct_ptr, N, H,
     tl.store(gh + H, dz, mask=mask)
     tl.store(gh + 2 * H, dnp * r, mask=mask)
     tl.store(dh_direct_ptr + idx, dh * z, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: the bodies of fastnn::triton_lstm_cell / triton_gru_cell and their backward ops
+# (registered in fastnn/ops/rnn.py). ``wrap_triton`` lets torch.compile trace the launches.
+
+def _on_device(t: Tensor):
+    """The tensor's CUDA device as the current one for the launch (nothing to switch on the CPU,
+    where the kernels run under the Triton interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: no TF32, to match the reference
+
+
+def _rows(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A row-major copy (or the tensor itself when it is one); a stand-in pointer when absent
+    (never read: its HAS_* flag is off)."""
+    return like if t is None else t.contiguous()
+
+
+def _forward(kernel, input: Tensor, hx: Tensor, cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+             b_ih: Optional[Tensor], b_hh: Optional[Tensor], ws_cols: int) -> list[Tensor]:
+    B, I = input.shape
+    H = w_hh.shape[1]
+    outs = [torch.empty((B, H), dtype=hx.dtype, device=hx.device)]
+    if cx is not None:
+        outs.append(torch.empty((B, H), dtype=cx.dtype, device=cx.device))
+    ws = torch.empty((B, ws_cols * H), dtype=torch.float32, device=input.device)
+    if B > 0:
+        x = input.contiguous()
+        states = [hx.contiguous()] + ([cx.contiguous()] if cx is not None else [])
+        grid = (triton.cdiv(B, BLOCK_B), triton.cdiv(H, BLOCK_H))
+        with _on_device(input):
+            wrap_triton(kernel)[grid](
+                x, *states, w_ih.contiguous(), w_hh.contiguous(), _rows(b_ih, x), _rows(b_hh, x), *outs, ws,
+                B, I, H, HAS_B_IH=b_ih is not None, HAS_B_HH=b_hh is not None, PRECISION=_precision(input.dtype),
+                BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+    return outs + [ws]
+
+
+def lstm_cell_forward(input: Tensor, hx: Tensor, cx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                      b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(hy [B, H], cy [B, H], workspace [B, 5H] fp32): fastnn::lstm_cell's outputs."""
+    hy, cy, ws = _forward(lstm_cell_fwd, input, hx, cx, w_ih, w_hh, b_ih, b_hh, 5)
+    return hy, cy, ws
+
+
+def gru_cell_forward(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                     b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(hy [B, H], workspace [B, 4H] fp32): fastnn::gru_cell's outputs."""
+    hy, ws = _forward(gru_cell_fwd, input, hx, None, w_ih, w_hh, b_ih, b_hh, 4)
+    return hy, ws
+
+
+def _pointwise(kernel, input: Tensor, n_out: tuple[int, ...], *operands: Tensor) -> list[Tensor]:
+    """Run a backward pointwise kernel over B*H elements: fp32 outputs of n_out[k]*H columns."""
+    B, H = operands[1].shape
+    outs = [torch.empty((B, n * H), dtype=torch.float32, device=input.device) for n in n_out]
+    if B * H > 0:
+        with _on_device(input):
+            wrap_triton(kernel)[(triton.cdiv(B * H, BLOCK),)](*[t.contiguous() for t in operands], *outs, B * H, H,
+                                                             BLOCK=BLOCK)
+    return outs
+
+
+def _finish(grads: list[Optional[Tensor]], inputs: list[Optional[Tensor]], need: list[bool]) -> tuple[Tensor, ...]:
+    """Cast each fp32 gradient to its input's dtype; an empty tensor where it is not wanted."""
+    return tuple(g.to(x.dtype).reshape(x.shape) if (n and x is not None and g is not None) else inputs[0].new_empty((0,))
+                 for g, x, n in zip(grads, inputs, need))
+
+
+def lstm_cell_backward(grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], input: Tensor, hx: Tensor, cx: Tensor,
+                       w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], hy: Tensor,
+                       workspace: Tensor, output_mask: list[bool]) -> tuple[Tensor, ...]:
+    """Gradients of (input, hx, cx, w_ih, w_hh, b_ih, b_hh), fastnn::lstm_cell_backward's convention."""
+    dhy = grad_hy if grad_hy is not None else torch.zeros_like(hx)
+    dcy = grad_cy if grad_cy is not None else torch.zeros_like(cx)
+    dg, dcx = _pointwise(lstm_cell_bwd, input, (4, 1), workspace, cx, dhy, dcy)
+    db = dg.sum(0)
+    grads = [dg @ w_ih.float(), dg @ w_hh.float(), dcx, dg.t() @ input.float(), dg.t() @ hx.float(), db, db.clone()]
+    return _finish(grads, [input, hx, cx, w_ih, w_hh, b_ih, b_hh], output_mask)
+
+
+def gru_cell_backward(grad_hy: Optional[Tensor], input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                      b_ih: Optional[Tensor], b_hh: Optional[Tensor], hy: Tensor, workspace: Tensor,
+                      output_mask: list[bool]) -> tuple[Tensor, ...]:
+    """Gradients of (input, hx, w_ih, w_hh, b_ih, b_hh), fastnn::gru_cell_backward's convention."""
+    dhy = grad_hy if grad_hy is not None else torch.zeros_like(hx)
+    dgi, dgh, direct = _pointwise(gru_cell_bwd, input, (3, 3, 1), workspace, hx, dhy)
+    grads = [dgi @ w_ih.float(), dgh @ w_hh.float() + direct, dgi.t() @ input.float(), dgh.t() @ hx.float(),
+             dgi.sum(0), dgh.sum(0)]
+    return _finish(grads, [input, hx, w_ih, w_hh, b_ih, b_hh], output_mask)

@@ -249,6 +249,9 @@ BAD = [
     ("dtype", lambda a: a.__setitem__(1, a[1].double()), "h0"),
     ("w_hh", lambda a: a.__setitem__(3, a[3][:-1]), "w_hh"),
     ("lengths", lambda a: a.__setitem__(6, torch.ones(5, dtype=torch.int64)), "lengths"),
+    ("lengths > T", lambda a: a.__setitem__(6, torch.tensor([4, 5, 1])), "lengths"),
+    ("lengths < 0", lambda a: a.__setitem__(6, torch.tensor([4, -1, 1])), "lengths"),
+    ("h0 [P, B]", lambda a: a.__setitem__(1, a[1].t()), "h0"),
     ("2d input", lambda a: a.__setitem__(0, a[0][0]), "input"),
 ]
 

@@ -139,18 +139,24 @@ __global__ void backward_kernel(BwdStep<T> s) {
 
 
 // ---------------------------------------------------------------------------------------------
-// Persistent recurrent kernel (forward, float math, no projection, no recurrent mask).
+// Persistent recurrent kernel (forward, float math, no projection, no recurrent mask). Opt-in
+// (FASTNN_RNN_PERSISTENT=1, see rnn_engine.cpp): it has not yet been measured against the
+// cuBLAS + step-kernel path it replaces.
 //
 // One block per 8 hidden units keeps those units' rows of W_hh (all gates: NG*8 rows of H) in
 // shared memory for the whole sequence, so the recurrent weights are read from device memory once
-// instead of once per step. Per step each block computes its units' recurrent products for every
-// batch row from h_{t-1} (read from L2), runs the pointwise step, writes its slice of h_t, and
-// all blocks meet at a grid barrier. The launch is cooperative, so that every block is resident
-// (the barrier would hang otherwise); a sequence that does not fit (shared memory, block count)
-// goes the step-by-step way (cuBLAS + step kernel).
+// instead of once per step. Per step, for kRows batch rows at a time, the block stages those rows
+// of h(t-1) in shared memory (coalesced loads, from L2: other blocks wrote them), then each warp
+// computes one hidden unit's NG dot products for those rows, its 32 lanes splitting the H features
+// (consecutive lanes read consecutive words: no bank conflicts) and a shuffle reduction summing
+// them; lane 0 runs the pointwise step. Every thread is busy whatever B is. After the step all
+// blocks meet at a grid barrier. The launch is cooperative, so that every block is resident (the
+// barrier would hang otherwise); a sequence that does not fit (shared memory, block count) goes the
+// step-by-step way.
 
-constexpr int kUnits = 8;          // hidden units per block
-constexpr int kPersistThreads = 256;
+constexpr int kUnits = 8;                     // hidden units per block, one warp each
+constexpr int kPersistThreads = kUnits * 32;  // one warp per unit
+constexpr int kRows = 4;                      // batch rows of h(t-1) staged at a time
 
 // Sense-free generation barrier over `blocks` resident blocks. count/gen: two zeroed words.
 __device__ __forceinline__ void grid_barrier(unsigned* count, volatile unsigned* gen, unsigned blocks) {
@@ -171,43 +177,73 @@ __device__ __forceinline__ void grid_barrier(unsigned* count, volatile unsigned*
   __syncthreads();
 }
 
+size_t persistent_smem(int NG, int64_t H) { return (size_t)(NG * kUnits + kRows) * H * sizeof(float); }
+
 template <int NG>
 __global__ void __launch_bounds__(kPersistThreads)
 persistent_forward_kernel(FwdStep<float> s, const float* __restrict__ w_hh, float* hbuf, int64_t T,
                           bool reverse, unsigned* barrier) {
-  extern __shared__ float w_s[];  // [NG * kUnits][H + 1] (+1: no bank conflicts across units)
-  const int64_t H = s.H, B = s.B, G = NG * H, ld = H + 1;
+  extern __shared__ float smem[];
+  const int64_t H = s.H, B = s.B, G = NG * H;
+  float* w_s = smem;                   // [NG * kUnits][H]: row g * kUnits + u is gate g of unit j0 + u
+  float* h_s = smem + NG * kUnits * H;  // [kRows][H]: the staged rows of h(t-1)
   const int64_t j0 = (int64_t)blockIdx.x * kUnits;
   for (int64_t i = threadIdx.x; i < NG * kUnits * H; i += blockDim.x) {
-    const int64_t row = i / H, k = i % H;  // row = g * kUnits + u
+    const int64_t row = i / H, k = i % H;
     const int64_t g = row / kUnits, u = row % kUnits;
-    w_s[row * ld + k] = (j0 + u < H) ? w_hh[(g * H + j0 + u) * H + k] : 0.f;
+    w_s[i] = (j0 + u < H) ? w_hh[(g * H + j0 + u) * H + k] : 0.f;
   }
   __syncthreads();
-  const float* gi0 = s.gi;
-  float* out0 = s.out;
-  float* ws0 = s.ws;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t j = j0 + warp;
+  const float* w_unit = w_s + warp * H;  // gate g's row: w_unit + g * kUnits * H
   const int64_t WS = ws_width(s.cell, H);
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = reverse ? T - 1 - step : step;
     FwdStep<float> st = s;
     st.h_prev = hbuf + (step & 1) * B * H;
     st.h = hbuf + ((step + 1) & 1) * B * H;
-    st.gi = gi0 + t * B * G;
-    st.out = out0 + t * B * H;
-    st.ws = ws0 + t * B * WS;
+    st.gi = s.gi + t * B * G;
+    st.out = s.out + t * B * H;
+    st.ws = s.ws + t * B * WS;
     st.t = t;
-    for (int64_t p = threadIdx.x; p < B * kUnits; p += blockDim.x) {
-      const int64_t b = p / kUnits, u = p % kUnits, j = j0 + u;
-      if (j >= H) continue;
-      float rec[4] = {0.f, 0.f, 0.f, 0.f};
-      const float* hrow = st.h_prev + b * H;
-      for (int64_t k = 0; k < H; ++k) {
-        const float hv = __ldcg(hrow + k);  // L2, not L1: other blocks wrote it last step
+    for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+      const int rows = (int)min((int64_t)kRows, B - b0);
+      for (int64_t i = threadIdx.x; i < rows * H; i += blockDim.x) h_s[i] = __ldcg(st.h_prev + b0 * H + i);
+      __syncthreads();
+      float acc[kRows][NG];
 #pragma unroll
-        for (int g = 0; g < NG; ++g) rec[g] = fmaf(w_s[(g * kUnits + u) * ld + k], hv, rec[g]);
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int g = 0; g < NG; ++g) acc[r][g] = 0.f;
       }
-      point_forward<float>(st, b, j, rec);
+      if (j < H) {
+        for (int64_t k = lane; k < H; k += 32) {
+          float w[NG];
+#pragma unroll
+          for (int g = 0; g < NG; ++g) w[g] = w_unit[g * kUnits * H + k];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            if (r < rows) {
+              const float hv = h_s[r * H + k];
+#pragma unroll
+              for (int g = 0; g < NG; ++g) acc[r][g] = fmaf(w[g], hv, acc[r][g]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+#pragma unroll
+          for (int offset = 16; offset > 0; offset /= 2) acc[r][g] += __shfl_down_sync(0xffffffffu, acc[r][g], offset);
+        }
+      }
+      if (lane == 0 && j < H) {
+        for (int r = 0; r < rows; ++r) point_forward<float>(st, b0 + r, j, acc[r]);
+      }
+      __syncthreads();  // h_s is restaged for the next rows
     }
     __threadfence();
     grid_barrier(barrier, barrier + 1, gridDim.x);
@@ -218,7 +254,7 @@ template <int NG>
 bool launch_persistent(const FwdStep<float>& s, const float* w_hh, float* hbuf, int64_t T, bool reverse,
                        unsigned* barrier) {
   const int64_t blocks = (s.H + kUnits - 1) / kUnits;
-  const size_t smem = (size_t)NG * kUnits * (s.H + 1) * sizeof(float);
+  const size_t smem = persistent_smem(NG, s.H);
   int device = 0, sms = 0, max_smem = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
