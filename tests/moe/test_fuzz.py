@@ -185,13 +185,13 @@ def bad_index_property(max_examples: int) -> None:
         else:
             counts[-1] += T * k + 1
         w = weights if weights is not None else torch.ones(T, k, dtype=x.dtype)
-        probes = [lambda: ops.permute_tokens(x, slots, k), lambda: ops.unpermute_tokens(torch.randn(T * k, H,
-                                                                                                    dtype=x.dtype),
-                                                                                        pos, w),
-                  lambda: ops.grouped_mm(torch.randn(T * k, H, dtype=x.dtype), torch.randn(E, H, 2, dtype=x.dtype),
-                                         torch.cumsum(counts, 0)),
-                  lambda: moe_ops.moe_mlp(x, slots, counts, pos, w, torch.randn(E, 4, H, dtype=x.dtype),
-                                          torch.randn(E, H, 2, dtype=x.dtype))]
+        y = torch.randn(T * k, H, dtype=x.dtype)
+        mlp = lambda: moe_ops.moe_mlp(x, slots, counts, pos, w, torch.randn(E, 4, H, dtype=x.dtype),  # noqa: E731
+                                      torch.randn(E, H, 2, dtype=x.dtype))
+        if corruption in ("offsets", "counts"):
+            probes = [lambda: ops.grouped_mm(y, torch.randn(E, H, 2, dtype=x.dtype), torch.cumsum(counts, 0)), mlp]
+        else:
+            probes = [lambda: ops.permute_tokens(x, slots, k), lambda: ops.unpermute_tokens(y, pos, w), mlp]
         for p in probes:
             try:
                 with torch.no_grad(), backends.force(backend):

@@ -298,8 +298,7 @@ def test_grouped_torch_arch_gate(monkeypatch, cap, version, want):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
     monkeypatch.setattr(torch, "__version__", version)
-    assert gt._arch_supported.__wrapped__(0) is want if hasattr(gt._arch_supported, "__wrapped__") \
-        else gt._arch_supported(0) is want
+    assert gt._arch_supported(0) is want
 
 
 # ---------------------------------------------------------------------------------------------
