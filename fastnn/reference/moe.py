@@ -79,9 +79,10 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
         return 0
     slots = num_tokens * top_k
     cap = capacity_factor * slots / num_experts
-    if not math.isfinite(cap) or cap >= slots:
+    if not math.isfinite(cap):
         return 0
-    return max(1, math.ceil(cap))
+    cap = max(1, math.ceil(cap))
+    return 0 if cap >= slots else cap
 
 
 def _scores(logits: Tensor, score_func: str) -> Tensor:
