@@ -90,7 +90,8 @@ def test_duplicated_slot_backward_does_not_crash():
                 fn().sum().backward()
 
         probes = [lambda b=b, fn=fn: probe(b, fn) for b in ("cpu", "reference")
-                  for fn in (lambda: ops.unpermute_tokens(y, pos, r.weights), lambda: ops.permute_tokens(y[:6], slots, 2))]
+                  for fn in (lambda: ops.unpermute_tokens(y, pos, r.weights),
+                             lambda: ops.permute_tokens(y[:6], slots, 2))]
     """, 4)
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range, check_tensor, describe, fail
+from ..._checks import FLOAT_DTYPES, INDEX_DTYPES, check_range, check_tensor, fail
 from ...reference.moe import ACTIVATIONS, DROP_POLICIES, GROUP_SCORES, SCORE_FUNCS
 
 Tensor = torch.Tensor
@@ -163,5 +163,4 @@ def validate_mlp(x, sorted_slots, tokens_per_expert, slot_positions, weights, ga
                  str(tokens_per_expert.tolist()), op=op)
 
 
-__all__ = ["validate_gating", "validate_permute", "validate_unpermute", "validate_grouped_mm", "validate_mlp",
-           "describe"]
+__all__ = ["validate_gating", "validate_permute", "validate_unpermute", "validate_grouped_mm", "validate_mlp"]
