@@ -277,11 +277,13 @@ def _layout(ids: Tensor, E: int, sorted_slots: Tensor, positions: Tensor) -> Non
     N = ids.numel()
     n_tiles = triton.cdiv(N, BLOCK_S)
     hist = torch.zeros((n_tiles, E + 1), dtype=torch.int64, device=ids.device)
-    wrap_triton(_tile_histogram_kernel)[(n_tiles,)](ids, hist, N, E, E1=E + 1, BLOCK=BLOCK_S)
     e1_pad = pow2(E + 1)
-    wrap_triton(_tile_offsets_kernel)[(1,)](hist, n_tiles, E1=E + 1, E1_PAD=e1_pad,
-                                            TILES=max(1, min(64, 4096 // e1_pad)))
-    wrap_triton(_scatter_kernel)[(n_tiles,)](ids, hist, sorted_slots, positions, N, E, E1=E + 1, BLOCK=BLOCK_S)
+    with on_device(ids):
+        wrap_triton(_tile_histogram_kernel)[(n_tiles,)](ids, hist, N, E, E1=E + 1, BLOCK=BLOCK_S)
+        wrap_triton(_tile_offsets_kernel)[(1,)](hist, n_tiles, E1=E + 1, E1_PAD=e1_pad,
+                                                TILES=max(1, min(64, 4096 // e1_pad)))
+        wrap_triton(_scatter_kernel)[(n_tiles,)](ids, hist, sorted_slots, positions, N, E, E1=E + 1,
+                                                 BLOCK=BLOCK_S)
 
 
 def topk_gating(logits: Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
@@ -308,7 +310,7 @@ def topk_gating(logits: Tensor, top_k: int, score_func: str = "softmax", renorma
                 K=top_k, K_PAD=pow2(top_k), E_PAD=E_PAD, BLOCK_T=block_t, SCORE=SCORE_CODES[score_func],
                 RENORM=bool(renormalize), HAS_BIAS=selection_bias is not None, GROUPS=num_groups,
                 TOPK_GROUPS=topk_groups, TOP2_SUM=group_score == "top2_sum")
-            _layout(ids, E, sorted_slots, positions)
+        _layout(ids, E, sorted_slots, positions)
     return weights, ids, counts, sorted_slots, positions.view(T, top_k)
 
 

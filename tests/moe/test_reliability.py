@@ -326,3 +326,29 @@ def test_triton_ops_run_on_the_inputs_device():
     assert torch.equal(g.sorted_slots.cpu(), want.sorted_slots)
     testing.assert_close(out.float().cpu(), (x.float() * want.weights.sum(1, keepdim=True).cuda(1)).cpu(),
                          dtype=torch.bfloat16)
+
+
+def test_every_triton_launch_is_on_the_inputs_device():
+    """A launch outside ``with on_device(...)`` runs on the current GPU, not the tensors' (checked on
+    the source, since no second GPU is needed to see it)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "kernels" / "triton"
+    launches = 0
+    for path in (root / "moe.py", root / "moe_gemm.py"):
+        tree = ast.parse(path.read_text())
+
+        def walk(node, guarded):
+            nonlocal launches
+            if isinstance(node, ast.With):
+                guarded = guarded or any(isinstance(i.context_expr, ast.Call) and
+                                         getattr(i.context_expr.func, "id", "") == "on_device" for i in node.items)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "wrap_triton":
+                launches += 1
+                assert guarded, f"{path.name}:{node.lineno}: Triton launch outside 'with on_device(...)'"
+            for child in ast.iter_child_nodes(node):
+                walk(child, guarded)
+
+        walk(tree, False)
+    assert launches >= 9
