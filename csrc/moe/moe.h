@@ -55,6 +55,11 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& b, const at::Tensor& offsets,
                                                            bool trans_b, bool need_a, bool need_b);
 
+// The experts' inference forward on the CPU (moe_mlp_cpu.cpp): checks its own arguments.
+at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& sorted_slots, const at::Tensor& tokens_per_expert,
+                       const at::Tensor& slot_positions, const at::Tensor& weights, const at::Tensor& gate_up_proj,
+                       const at::Tensor& down_proj, c10::string_view activation);
+
 #ifdef FASTNN_WITH_CUDA
 // CUDA kernels (kernels/cuda/moe/moe_cuda.cu).
 GatingResult topk_gating_cuda(const at::Tensor& logits, const Routing& r);

@@ -99,16 +99,18 @@ int64_t token_ranking(const acc_t* scores, const acc_t* bias, int64_t E, const R
   return eligible;
 }
 
-// Weights of one token's kept slots (ids < 0: dropped, weight 0).
+// Weights of one token's kept slots (ids < 0: dropped, weight 0). A NaN anywhere in the token's
+// logits makes its kept topk_softmax weights NaN, as softmax's do (fastnn/reference/moe.py), even
+// though the NaN expert itself ranks last and is not chosen.
 template <typename acc_t>
-void token_weights(const acc_t* x, const acc_t* scores, const int64_t* ids, int64_t k, const Routing& r,
+void token_weights(const acc_t* x, int64_t E, const acc_t* scores, const int64_t* ids, int64_t k, const Routing& r,
                    acc_t* w) {
   if (r.score == ScoreFunc::TopkSoftmax) {
     bool nan = false;
+    for (int64_t e = 0; e < E; ++e) nan = nan || std::isnan(x[e]);
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j = 0; j < k; ++j) {
       if (ids[j] < 0) continue;
-      nan = nan || std::isnan(x[ids[j]]);
       m = std::max(m, x[ids[j]]);
     }
     acc_t sum = 0;
@@ -199,7 +201,7 @@ void gating_kernel(const at::Tensor& logits, const Routing& r, at::Tensor& weigh
   // With capacity the rankings outlive the parallel loop (next-choice needs all of them).
   std::vector<int64_t> rankings(capacity ? T * E : 0), eligible(capacity ? T : 0);
   auto weights_of = [&](int64_t t, const acc_t* x, const acc_t* scores) {
-    token_weights<acc_t>(x, scores, id + t * k, k, r, w + t * k);
+    token_weights<acc_t>(x, E, scores, id + t * k, k, r, w + t * k);
   };
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> x(E), scores(E), sel(E);

@@ -5,7 +5,6 @@
 // meet at a barrier between small ops, and a tile's intermediates stay in cache.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -40,6 +39,8 @@ at::Tensor gated(const at::Tensor& h, int64_t inter, const std::string& act) {
   return a.mul_(up);
 }
 
+}  // namespace
+
 at::Tensor moe_mlp_cpu(const at::Tensor& x_in, const at::Tensor& sorted_slots, const at::Tensor& tokens_per_expert,
                        const at::Tensor& slot_positions, const at::Tensor& weights, const at::Tensor& gate_up_proj,
                        const at::Tensor& down_proj, c10::string_view activation_sv) {
@@ -47,7 +48,15 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x_in, const at::Tensor& sorted_slots, c
   FASTNN_CHECK_ARG(act == "silu" || act == "gelu" || act == "gelu_tanh" || act == "relu", "activation",
                    "silu, gelu, gelu_tanh or relu", act);
   const at::Tensor x = x_in.contiguous();
-  FASTNN_CHECK_ARG(x.dim() == 2, "x", "a 2-d tensor [T, H]", describe(x));
+  FASTNN_CHECK_ARG(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "x", "a 2-d float tensor [T, H]",
+                   describe(x));
+  FASTNN_CHECK_ARG(slot_positions.dim() == 2 && slot_positions.size(0) == x.size(0) &&
+                       slot_positions.scalar_type() == at::kLong,
+                   "slot_positions", "an int64 tensor of shape [" + std::to_string(x.size(0)) + ", top_k]",
+                   describe(slot_positions));
+  FASTNN_CHECK_ARG(weights.sizes() == slot_positions.sizes() && at::isFloatingType(weights.scalar_type()), "weights",
+                   "a float tensor of the shape of slot_positions", describe(weights));
+  FASTNN_CHECK_ARG(gate_up_proj.dim() == 3, "gate_up_proj", "a 3-d tensor [E, 2I, H]", describe(gate_up_proj));
   const int64_t T = x.size(0), H = x.size(1), E = gate_up_proj.size(0), k = slot_positions.size(1);
   FASTNN_CHECK_ARG(gate_up_proj.dim() == 3 && gate_up_proj.size(2) == H && gate_up_proj.size(1) % 2 == 0 &&
                        gate_up_proj.scalar_type() == x.scalar_type(),
@@ -66,6 +75,11 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x_in, const at::Tensor& sorted_slots, c
                    describe(tokens_per_expert));
   FASTNN_CHECK_ARG(sorted_slots.dim() == 1 && sorted_slots.size(0) == T * k && sorted_slots.scalar_type() == at::kLong,
                    "sorted_slots", "an int64 tensor of shape [" + std::to_string(T * k) + "]", describe(sorted_slots));
+  const at::Tensor slots = sorted_slots.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t p = 0; p < T * k; ++p)
+    FASTNN_CHECK_ARG(sp[p] >= 0 && sp[p] < T * k, "sorted_slots", "slot indices in [0, " + std::to_string(T * k) + ")",
+                     std::to_string(sp[p]) + " at position " + std::to_string(p));
   const at::Tensor counts = tokens_per_expert.contiguous();
   const int64_t* cnt = counts.data_ptr<int64_t>();
   // Work items: (expert, first row, rows).
@@ -78,7 +92,7 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x_in, const at::Tensor& sorted_slots, c
     for (int64_t r = 0; r < cnt[e]; r += kRowsPerTile) items.push_back({e, start + r, std::min(kRowsPerTile, cnt[e] - r)});
     start += cnt[e];
   }
-  const at::Tensor tok = at::div(sorted_slots, k, "floor");
+  const at::Tensor tok = at::div(slots, k, "floor");
   // Expert outputs in the permuted order; rows of dropped slots (past the last expert) are zero.
   at::Tensor y = at::empty({T * k, H}, x.options());
   if (start < T * k) y.narrow(0, start, T * k - start).zero_();
@@ -104,15 +118,5 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x_in, const at::Tensor& sorted_slots, c
   return unpermute_tokens_cpu(y, slot_positions, weights);
 }
 
-}  // namespace
-
 }  // namespace moe
 }  // namespace fastnn
-
-TORCH_LIBRARY_FRAGMENT(fastnn, m) {
-  m.def(
-      "moe_mlp(Tensor x, Tensor sorted_slots, Tensor tokens_per_expert, Tensor slot_positions, Tensor weights, "
-      "Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(fastnn, CPU, m) { m.impl("moe_mlp", &fastnn::moe::moe_mlp_cpu); }

@@ -7,10 +7,18 @@
 //   fastnn::unpermute_tokens_backward   (d y, d weights)
 //   fastnn::grouped_mm                  per-expert GEMM over contiguous row groups (CPU here; on
 //   fastnn::grouped_mm_backward         CUDA the Triton ops are the fast path)
+//   fastnn::moe_mlp                     the experts' whole inference forward (CPU: moe_mlp_cpu.cpp)
+//
+// Every op is callable directly as torch.ops.fastnn.*, so each checks here what its kernels' memory
+// safety depends on: shapes, dtypes and devices always; on CPU tensors also the index values
+// (reading them costs nothing there). CUDA kernels guard every index they read instead, because
+// reading device data on the host would synchronise.
 //
 // Fake kernels, autograd and the Python API live in fastnn/ops/moe.py; the reference
 // implementations with the same signatures in fastnn/reference/moe.py.
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "common.h"
 #include "moe/moe.h"
@@ -80,9 +88,12 @@ Routing make_routing(const at::Tensor& logits, int64_t top_k, const std::string&
   r.topk_groups = topk_groups;
   r.group_top2_sum = group_score == "top2_sum";
   r.scale = routed_scaling_factor;
-  // ceil(capacity_factor * T * k / E), at least 1 (fastnn/reference/moe.py::expert_capacity).
-  r.capacity = capacity_factor > 0
-                   ? std::max<int64_t>(1, static_cast<int64_t>(std::ceil(capacity_factor * T * top_k / E)))
+  // ceil(capacity_factor * T * k / E), at least 1 (fastnn/reference/moe.py::expert_capacity). A
+  // capacity of T * k slots or more can never drop one, so it means "no limit" (0); computing in
+  // double first makes an infinite or huge factor saturate there instead of overflowing the cast.
+  const double capacity = std::ceil(capacity_factor * static_cast<double>(T) * static_cast<double>(top_k) / E);
+  r.capacity = capacity_factor > 0 && capacity < static_cast<double>(T * top_k)
+                   ? std::max<int64_t>(1, static_cast<int64_t>(capacity))
                    : 0;
   r.next_choice = drop_policy == "next_choice";
   return r;
@@ -94,8 +105,36 @@ void check_gating_backward(const at::Tensor& grad_weights, const at::Tensor& log
   check_float(logits, "logits", 2);
   check_index(ids, "expert_ids", 2, logits.device());
   FASTNN_CHECK_ARG(ids.size(0) == logits.size(0), "expert_ids", "one row per token of logits", describe(ids));
-  FASTNN_CHECK_ARG(grad_weights.sizes() == ids.sizes(), "grad_weights", "the shape of expert_ids",
-                   describe(grad_weights));
+  check_float(grad_weights, "grad_weights", 2);
+  FASTNN_CHECK_ARG(grad_weights.sizes() == ids.sizes() && grad_weights.device() == logits.device(),
+                   "grad_weights", "the shape of expert_ids on " + logits.device().str(), describe(grad_weights));
+  if (ids.device().is_cpu()) {
+    const at::Tensor c = ids.contiguous();
+    const int64_t* p = c.data_ptr<int64_t>();
+    const int64_t E = logits.size(1);
+    for (int64_t i = 0; i < c.numel(); ++i)
+      FASTNN_CHECK_ARG(p[i] >= -1 && p[i] < E, "expert_ids",
+                       "expert indices in [0, " + std::to_string(E) + ") or -1 (dropped)",
+                       std::to_string(p[i]) + " at slot " + std::to_string(i));
+  }
+}
+
+// On CPU tensors: sorted_slots and slot_positions are inverse permutations of [0, N). (Checking
+// that every position is in range and maps back to its slot proves both.)
+void check_inverse_permutations(const at::Tensor& sorted_slots, const at::Tensor& pos) {
+  if (!pos.device().is_cpu()) return;
+  const at::Tensor sc = sorted_slots.contiguous(), pc = pos.contiguous();
+  const int64_t* s = sc.data_ptr<int64_t>();
+  const int64_t* p = pc.data_ptr<int64_t>();
+  const int64_t N = sc.numel();
+  for (int64_t i = 0; i < N; ++i) {
+    FASTNN_CHECK_ARG(p[i] >= 0 && p[i] < N, "slot_positions", "rows in [0, " + std::to_string(N) + ")",
+                     std::to_string(p[i]) + " at slot " + std::to_string(i));
+    FASTNN_CHECK_ARG(s[p[i]] == i, "sorted_slots",
+                     "the inverse permutation of slot_positions (each slot exactly once)",
+                     std::to_string(s[p[i]]) + " at row " + std::to_string(p[i]) + " where slot_positions sends slot " +
+                         std::to_string(i));
+  }
 }
 
 void check_permute(const at::Tensor& x, const at::Tensor& sorted_slots, int64_t top_k) {
@@ -168,8 +207,13 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_op(const at::Tensor& grad_
                                                          const at::Tensor& pos, const at::Tensor& weights,
                                                          const at::Tensor& sorted_slots) {
   check_unpermute(y, pos, weights);
-  FASTNN_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({pos.size(0), y.size(1)}), "grad_out",
-                   "one row per token of slot_positions", describe(grad_out));
+  FASTNN_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({pos.size(0), y.size(1)}) &&
+                       grad_out.scalar_type() == y.scalar_type() && grad_out.device() == y.device(),
+                   "grad_out", "one row per token of slot_positions, of y's dtype and device", describe(grad_out));
+  check_index(sorted_slots, "sorted_slots", 1, y.device());
+  FASTNN_CHECK_ARG(sorted_slots.size(0) == y.size(0), "sorted_slots",
+                   "one entry per row of y (" + std::to_string(y.size(0)) + ")", describe(sorted_slots));
+  check_inverse_permutations(sorted_slots, pos);
   return kernel(grad_out, y, pos, weights, sorted_slots);
 }
 
@@ -190,6 +234,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_op_cpu(const at::Tensor& 
                                                               const at::Tensor& b, const at::Tensor& offsets,
                                                               bool trans_b, bool need_a, bool need_b) {
   check_grouped(a, b, offsets, trans_b);
+  const int64_t N = trans_b ? b.size(1) : b.size(2);
+  FASTNN_CHECK_ARG(grad.sizes() == at::IntArrayRef({a.size(0), N}) && grad.scalar_type() == a.scalar_type() &&
+                       grad.device() == a.device(),
+                   "grad", "a tensor of shape [" + std::to_string(a.size(0)) + ", " + std::to_string(N) +
+                               "] of a's dtype and device",
+                   describe(grad));
   return grouped_mm_backward_cpu(grad, a, b, offsets, trans_b, need_a, need_b);
 }
 
@@ -216,6 +266,9 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   m.def(
       "grouped_mm_backward(Tensor grad, Tensor a, Tensor b, Tensor offsets, bool trans_b, bool need_a, "
       "bool need_b) -> (Tensor, Tensor)");
+  m.def(
+      "moe_mlp(Tensor x, Tensor sorted_slots, Tensor tokens_per_expert, Tensor slot_positions, Tensor weights, "
+      "Tensor gate_up_proj, Tensor down_proj, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
@@ -227,6 +280,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("unpermute_tokens_backward", &unpermute_backward_op<unpermute_tokens_backward_cpu>);
   m.impl("grouped_mm", &grouped_mm_op_cpu);
   m.impl("grouped_mm_backward", &grouped_mm_backward_op_cpu);
+  m.impl("moe_mlp", &moe_mlp_cpu);
 }
 
 #ifdef FASTNN_WITH_CUDA

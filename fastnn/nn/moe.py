@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import backends, ops
+from .. import ops
 from ..ops import moe as moe_ops
-from ..reference.moe import ACTIVATIONS, gated_activation
+from ..reference.moe import ACTIVATIONS
 
 __all__ = ["MoE", "Router", "Experts", "SharedExpert", "HF_ACTIVATIONS"]
 
@@ -81,19 +81,10 @@ class Experts(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x: Tensor, gating: moe_ops.GatingOutput, top_k: int) -> Tensor:
-        mlp_args = (x, gating.sorted_slots, gating.tokens_per_expert, gating.slot_positions, gating.weights,
-                    self.gate_up_proj, self.down_proj, self.activation)
-        # Inference: the fused op (CPU: one parallel region over expert tiles; GPU: Triton with the
-        # gather and the gated activation fused into the first GEMM) unless a backend that has
-        # none is forced; training: the differentiable ops below.
-        want = backends.forced("moe_mlp") or ("cpu" if x.device.type == "cpu" else "triton")
-        if want in ("cpu", "triton") and moe_ops.moe_mlp.reason(want, *mlp_args) is None:
-            return moe_ops.moe_mlp.call(want, *mlp_args)
-        offsets = torch.cumsum(gating.tokens_per_expert, 0)
-        xs = ops.permute_tokens(x, gating.sorted_slots, top_k)
-        h = ops.grouped_mm(xs, self.gate_up_proj, offsets, trans_b=True)
-        y = ops.grouped_mm(gated_activation(h, self.activation), self.down_proj, offsets, trans_b=True)
-        return ops.unpermute_tokens(y, gating.slot_positions, gating.weights)
+        # fastnn.ops.moe_mlp's backend runs its fused inference kernel, or its differentiable ops
+        # when a gradient is needed.
+        return moe_ops.moe_mlp(x, gating.sorted_slots, gating.tokens_per_expert, gating.slot_positions,
+                               gating.weights, self.gate_up_proj, self.down_proj, self.activation)
 
 
 class SharedExpert(nn.Module):

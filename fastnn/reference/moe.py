@@ -4,18 +4,29 @@ They are the test oracle, the benchmark's "torch" path and the fallback of last 
 them synchronises with the host: routing metadata stays on the tensors' device, so they also run
 under CUDA graphs and ``torch.compile(fullgraph=True)``.
 
-Routing conventions shared by every backend (DESIGN.md: Ops):
+Routing conventions shared by every backend:
 
 * ``logits`` [T, E] in any float dtype; scores and weights are computed in float32 (float64 for
   float64 logits, so that gradcheck works).
 * Selection ranks experts by score (+ ``selection_bias``), ties broken toward the lower expert index.
-  NaN scores rank last; a token with a NaN logit gets NaN weights (softmax) so it is visible.
+* NaN: a NaN selection score ranks as -inf (last; among equals the lower index first), for experts
+  and for groups alike, so a NaN never steers routing and every backend picks the same experts.
+  The weights then follow IEEE arithmetic as torch's softmax / sigmoid do: with ``softmax`` and
+  ``topk_softmax`` a NaN anywhere in a token's logits (or a softmax that is itself undefined: a
+  +inf logit, or all chosen logits -inf) makes every kept weight of that token NaN, so the bad
+  token is visible downstream; with ``sigmoid`` only a chosen NaN score is NaN (and, with
+  ``renormalize``, the whole token through the sum). Dropped slots always weigh 0.
 * A *slot* is one (token, choice) pair, flat index ``s = t * top_k + j``. ``expert_ids[t, j]`` is the
   expert that processes slot s, or -1 when capacity dropped it (its weight is 0).
+* ``capacity_factor``: each expert accepts ``expert_capacity`` slots; 0, ``inf``, or a factor so large
+  that the capacity reaches T * k (where nothing can be dropped) mean no limit.
 * ``sorted_slots`` [T*k] lists the kept slots grouped by expert (expert 0 first), in slot order
   within an expert, followed by the dropped slots in slot order. ``slot_positions`` [T, k] is its
-  inverse: the row of slot (t, j) in the permuted buffer. ``tokens_per_expert`` [E] counts the
-  kept slots, so rows ``[0, tokens_per_expert.sum())`` are the ones the experts compute.
+  inverse: the row of slot (t, j) in the permuted buffer. Both are permutations of [0, T*k): the ops
+  that take them (and their backward) check this on CPU tensors; on CUDA the kernels guard every
+  index (no out-of-bounds access) but do not check that it is a permutation, which would
+  synchronise with the host. ``tokens_per_expert`` [E] counts the kept slots, so rows
+  ``[0, tokens_per_expert.sum())`` are the ones the experts compute.
 * ``renormalize`` divides a token's weights by their sum over the experts that process it (dropped
   slots excluded); ``routed_scaling_factor`` multiplies the result.
 """
@@ -60,10 +71,18 @@ def _opmath(t: Tensor) -> Tensor:
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Slots each expert accepts: ceil(capacity_factor * T * k / E) (GShard / Switch). 0 = unlimited."""
-    if capacity_factor <= 0:
+    """Slots each expert accepts: ceil(capacity_factor * T * k / E), at least 1 (GShard / Switch).
+
+    0 means unlimited: for ``capacity_factor`` 0, for ``inf``, and for any factor whose capacity
+    reaches T * k (no expert can then be over-full, so no slot is ever dropped)."""
+    if not capacity_factor > 0:
         return 0
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    slots = num_tokens * top_k
+    cap = capacity_factor * slots / num_experts
+    if not math.isfinite(cap):
+        return 0
+    cap = max(1, math.ceil(cap))
+    return 0 if cap >= slots else cap
 
 
 def _scores(logits: Tensor, score_func: str) -> Tensor:
@@ -165,8 +184,8 @@ def _weights(logits: Tensor, expert_ids: Tensor, score_func: str, renormalize: b
     idx = expert_ids.clamp(min=0)
     if score_func == "topk_softmax":
         chosen = x.gather(1, idx).masked_fill(~kept, float("-inf"))
-        w = torch.softmax(chosen, dim=-1).nan_to_num(nan=0.0) if x.shape[0] else chosen
-        # A token whose every slot was dropped has all -inf: softmax gives NaN there, meaning 0.
+        w = torch.softmax(chosen, dim=-1) if x.shape[0] else chosen
+        # A token whose every slot was dropped has all -inf (softmax NaN): its slots weigh 0.
         w = torch.where(kept, w, 0.0)
         nan_row = x.isnan().any(dim=-1, keepdim=True)
         w = torch.where(nan_row & kept, float("nan"), w)

@@ -1,4 +1,4 @@
-"""The CUDA grouped GEMM path (fastnn.ops.moe.torch_grouped_mm over torch._grouped_mm) computes
+"""The CUDA grouped GEMM path (fastnn.ops.moe._grouped_torch over torch._grouped_mm) computes
 fastnn's grouped_mm and its backward: checked here on torch._grouped_mm's CPU implementation, so
 that the wrapper's conventions (offsets, the [E, N, K] layout, rows past the last group, experts
 without tokens) are verified without a GPU. The CUDA kernel itself runs under -m gpu."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastnn import testing
-from fastnn.ops import moe as moe_ops
+from fastnn.ops.moe import _grouped_torch
 from fastnn.reference import moe as ref
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
@@ -27,11 +27,11 @@ def test_forward_and_backward_match_reference(counts, trans_b):
     b = torch.randn(E, N, K, dtype=torch.float64) if trans_b else torch.randn(E, K, N, dtype=torch.float64)
     grad = torch.randn(M, N, dtype=torch.float64)
 
-    out = moe_ops.torch_grouped_mm(a.float(), b.float(), offsets, trans_b)
+    out = _grouped_torch.grouped_mm(a.float(), b.float(), offsets, trans_b)
     testing.assert_close(out, ref.grouped_mm(a, b, offsets, trans_b).float())
     assert torch.equal(out[kept:], torch.zeros_like(out[kept:]))
 
-    ga, gb = moe_ops.torch_grouped_mm_backward(grad.float(), a.float(), b.float(), offsets, trans_b, True, True)
+    ga, gb = _grouped_torch.grouped_mm_backward(grad.float(), a.float(), b.float(), offsets, trans_b, True, True)
     a_ = a.clone().requires_grad_()
     b_ = b.clone().requires_grad_()
     ref.grouped_mm(a_, b_, offsets, trans_b).backward(grad)
@@ -43,5 +43,5 @@ def test_forward_and_backward_match_reference(counts, trans_b):
 
 def test_backward_skips_what_is_not_needed():
     a, b, offsets = torch.randn(6, 8), torch.randn(2, 8, 8), torch.tensor([2, 6])
-    ga, gb = moe_ops.torch_grouped_mm_backward(torch.randn(6, 8), a, b, offsets, False, False, True)
+    ga, gb = _grouped_torch.grouped_mm_backward(torch.randn(6, 8), a, b, offsets, False, False, True)
     assert ga.numel() == 0 and gb.shape == b.shape

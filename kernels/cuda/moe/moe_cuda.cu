@@ -1,20 +1,31 @@
-// CUDA kernels of the MoE routing ops: gating + permutation metadata in two launches with no host
-// synchronisation, the token gather, and the weighted combine (and its backward).
+// CUDA kernels of the MoE routing ops: gating + permutation metadata with no host synchronisation,
+// the token gather, and the weighted combine (and its backward).
 //
-//   gating_kernel  one warp per token: scores (softmax / sigmoid / logits), selection bias, grouped
-//                  routing (groups <= 32), top-k by k warp arg-max rounds (ties: lower index), the
-//                  weights, and a histogram of the choices (atomics).
-//   layout_kernel  one block per expert (+1 for dropped slots): scans the slots in order with a
-//                  block prefix sum, so rows within an expert keep slot order (the reference's
-//                  stable sort). Capacity routing is not done here (the ops layer sends it to the
-//                  reference path, which also runs on the GPU without synchronising).
+//   gating_kernel          one warp per token: scores (softmax / sigmoid / logits), selection bias,
+//                          grouped routing (groups <= 32), top-k by k warp arg-max rounds (ties:
+//                          lower index; NaN ranks as -inf), the weights, and a histogram of the
+//                          choices (atomics).
+//   layout: a counting sort of the slots by expert (bucket E: dropped slots, after every kept one),
+//   O(T*k + tiles*E) work:
+//     tile_histogram_kernel  one block per tile of kTileSlots slots: its count per bucket (shared
+//                            atomics);
+//     tile_offsets_kernel    one block: every (tile, bucket)'s first row, i.e. the slots of lower
+//                            buckets plus those of the same bucket in earlier tiles;
+//     scatter_kernel         one warp per tile, walking it in slot order 32 slots at a time: a
+//                            slot's row is its bucket's running row in the tile plus its rank among
+//                            the lanes of the same bucket (__match_any_sync), so rows within an
+//                            expert keep slot order (the reference's stable sort).
+//   Capacity routing is not done here (the ops layer sends it to the reference path, which also
+//   runs on the GPU without synchronising).
 //
-// Index arithmetic is 64-bit wherever it grows with tokens x experts or tokens x hidden.
+// Every index read from a tensor (slots, rows) is range-checked on the device: an index out of
+// range reads nothing and gives zeros. The ops check index values on CPU tensors; on the GPU
+// that would synchronise, so bad input there can give a wrong answer but never an out-of-bounds
+// access. Index arithmetic is 64-bit wherever it grows with tokens x experts or tokens x hidden.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include <cfloat>
@@ -174,66 +185,110 @@ __global__ void gating_kernel(const scalar_t* __restrict__ logits, const acc_t* 
   }
 }
 
-template <int kThreads>
-__global__ void layout_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ counts,
-                              int64_t* __restrict__ sorted_slots, int64_t* __restrict__ positions, int64_t N, int E) {
-  using Reduce = cub::BlockReduce<int64_t, kThreads>;
-  using Scan = cub::BlockScan<int64_t, kThreads>;
-  __shared__ union {
-    typename Reduce::TempStorage reduce;
-    typename Scan::TempStorage scan;
-  } tmp;
-  __shared__ int64_t base;
-  const int e = blockIdx.x;  // e == E: dropped slots (id -1), after every kept one
-  int64_t part = 0;
-  for (int i = threadIdx.x; i < E; i += kThreads) part += i < e ? counts[i] : 0;
-  int64_t start = Reduce(tmp.reduce).Sum(part);
-  if (threadIdx.x == 0) base = start;
+constexpr int kTileSlots = 1024;
+
+__device__ __forceinline__ int64_t bucket_of(int64_t id, int E) { return (id >= 0 && id < E) ? id : E; }
+
+__global__ void tile_histogram_kernel(const int64_t* __restrict__ ids, int64_t* __restrict__ hist, int64_t N, int E) {
+  extern __shared__ int counts_smem[];  // E + 1 buckets
+  for (int b = threadIdx.x; b <= E; b += blockDim.x) counts_smem[b] = 0;
   __syncthreads();
-  const int64_t target = e == E ? -1 : e;
-  for (int64_t chunk = 0; chunk < N; chunk += kThreads) {
-    const int64_t s = chunk + threadIdx.x;
-    const int64_t hit = (s < N && ids[s] == target) ? 1 : 0;
-    int64_t offset, total;
-    Scan(tmp.scan).ExclusiveSum(hit, offset, total);
-    if (hit) {
-      const int64_t p = base + offset;
-      sorted_slots[p] = s;
-      positions[s] = p;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kTileSlots;
+  for (int i = threadIdx.x; i < kTileSlots && base + i < N; i += blockDim.x)
+    atomicAdd(counts_smem + bucket_of(ids[base + i], E), 1);
+  __syncthreads();
+  int64_t* row = hist + static_cast<int64_t>(blockIdx.x) * (E + 1);
+  for (int b = threadIdx.x; b <= E; b += blockDim.x) row[b] = counts_smem[b];
+}
+
+template <int kThreads>
+__global__ void tile_offsets_kernel(int64_t* __restrict__ hist, int64_t n_tiles, int E) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int64_t carry;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  const int buckets = E + 1;
+  for (int b0 = 0; b0 < buckets; b0 += kThreads) {
+    const int b = b0 + threadIdx.x;
+    int64_t total = 0;
+    if (b < buckets)
+      for (int64_t t = 0; t < n_tiles; ++t) total += hist[t * buckets + b];
+    int64_t start, chunk_total;
+    Scan(tmp).ExclusiveSum(total, start, chunk_total);
+    start += carry;
+    if (b < buckets) {
+      for (int64_t t = 0; t < n_tiles; ++t) {  // running first rows down the tiles
+        const int64_t c = hist[t * buckets + b];
+        hist[t * buckets + b] = start;
+        start += c;
+      }
     }
     __syncthreads();
-    if (threadIdx.x == 0) base += total;
+    if (threadIdx.x == 0) carry += chunk_total;
     __syncthreads();
+  }
+}
+
+__global__ void scatter_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ first,
+                               int64_t* __restrict__ sorted_slots, int64_t* __restrict__ positions, int64_t N,
+                               int E) {
+  extern __shared__ int64_t next_row[];  // E + 1 buckets: this tile's next row per bucket
+  const int lane = threadIdx.x;
+  const int64_t tile = blockIdx.x;
+  for (int b = lane; b <= E; b += 32) next_row[b] = first[tile * (E + 1) + b];
+  __syncwarp();
+  const unsigned lower = (1u << lane) - 1u;
+  for (int i0 = 0; i0 < kTileSlots; i0 += 32) {
+    const int64_t s = tile * kTileSlots + i0 + lane;
+    const bool valid = s < N;
+    const int b = valid ? static_cast<int>(bucket_of(ids[s], E)) : -1;
+    const unsigned peers = __match_any_sync(kFull, b);
+    const int64_t row = valid ? next_row[b] + __popc(peers & lower) : 0;
+    __syncwarp();
+    if (valid) {
+      sorted_slots[row] = s;
+      positions[s] = row;
+      if ((peers >> lane) == 1u) next_row[b] += __popc(peers);  // the highest lane of the bucket
+    }
+    __syncwarp();
   }
 }
 
 template <typename scalar_t>
 __global__ void permute_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ slots,
-                               scalar_t* __restrict__ out, int64_t H, int64_t top_k) {
+                               scalar_t* __restrict__ out, int64_t T, int64_t H, int64_t top_k) {
   const int64_t p = blockIdx.x;
-  const int64_t tok = slots[p] / top_k;
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) out[p * H + h] = x[tok * H + h];
+  const int64_t s = slots[p];
+  const bool ok = s >= 0 && s / top_k < T;
+  const int64_t tok = ok ? s / top_k : 0;
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) out[p * H + h] = ok ? x[tok * H + h] : scalar_t(0);
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void combine_kernel(const scalar_t* __restrict__ y, const int64_t* __restrict__ pos,
-                               const acc_t* __restrict__ w, scalar_t* __restrict__ out, int64_t H, int k) {
+                               const acc_t* __restrict__ w, scalar_t* __restrict__ out, int64_t N, int64_t H, int k) {
   const int64_t t = blockIdx.x;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     acc_t acc = 0;
-    for (int j = 0; j < k; ++j) acc += w[t * k + j] * static_cast<acc_t>(y[pos[t * k + j] * H + h]);
+    for (int j = 0; j < k; ++j) {
+      const int64_t p = pos[t * k + j];
+      if (p >= 0 && p < N) acc += w[t * k + j] * static_cast<acc_t>(y[p * H + h]);
+    }
     out[t * H + h] = static_cast<scalar_t>(acc);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void weighted_rows_kernel(const scalar_t* __restrict__ g, const int64_t* __restrict__ slots,
-                                     const acc_t* __restrict__ w, scalar_t* __restrict__ out, int64_t H, int64_t k) {
+                                     const acc_t* __restrict__ w, scalar_t* __restrict__ out, int64_t N, int64_t H,
+                                     int64_t k) {
   const int64_t p = blockIdx.x;
   const int64_t s = slots[p];
-  const acc_t ws = w[s];
+  const bool ok = s >= 0 && s < N;  // -1: a row no slot reaches (see fastnn/ops/moe/_library.py)
+  const acc_t ws = ok ? w[s] : acc_t(0);
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x)
-    out[p * H + h] = static_cast<scalar_t>(ws * static_cast<acc_t>(g[(s / k) * H + h]));
+    out[p * H + h] = ok ? static_cast<scalar_t>(ws * static_cast<acc_t>(g[(s / k) * H + h])) : scalar_t(0);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -243,8 +298,13 @@ __global__ void row_dot_kernel(const scalar_t* __restrict__ g, const scalar_t* _
   const int64_t s = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (s >= S) return;
+  const int64_t p = pos[s];
+  if (p < 0 || p >= S) {  // out of range: reads nothing
+    if (lane == 0) out[s] = acc_t(0);
+    return;
+  }
   const scalar_t* a = g + (s / k) * H;
-  const scalar_t* b = y + pos[s] * H;
+  const scalar_t* b = y + p * H;
   acc_t acc = 0;
   for (int64_t h = lane; h < H; h += 32) acc += static_cast<acc_t>(a[h]) * static_cast<acc_t>(b[h]);
   acc = warp_sum(acc);
@@ -259,7 +319,7 @@ GatingResult topk_gating_cuda(const at::Tensor& logits_in, const Routing& r) {
   FASTNN_CHECK_ARG(r.capacity == 0, "capacity_factor",
                    "0 on the CUDA kernel (capacity routing runs on the reference path; fastnn.ops picks it)",
                    "a capacity limit");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const c10::cuda::OptionalCUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0);
   const int E = static_cast<int>(logits.size(1));
@@ -292,29 +352,37 @@ GatingResult topk_gating_cuda(const at::Tensor& logits_in, const Routing& r) {
         static_cast<acc_t>(r.scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  layout_kernel<256><<<E + 1, 256, 0, stream>>>(ids.data_ptr<int64_t>(), counts.data_ptr<int64_t>(),
-                                                sorted_slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
-                                                T * k, E);
+  const int64_t N = T * k, n_tiles = (N + kTileSlots - 1) / kTileSlots;
+  at::Tensor hist = at::empty({n_tiles, E + 1}, ids.options());
+  tile_histogram_kernel<<<static_cast<unsigned>(n_tiles), 256, (E + 1) * sizeof(int), stream>>>(
+      ids.data_ptr<int64_t>(), hist.data_ptr<int64_t>(), N, E);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tile_offsets_kernel<256><<<1, 256, 0, stream>>>(hist.data_ptr<int64_t>(), n_tiles, E);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scatter_kernel<<<static_cast<unsigned>(n_tiles), 32, (E + 1) * sizeof(int64_t), stream>>>(
+      ids.data_ptr<int64_t>(), hist.data_ptr<int64_t>(), sorted_slots.data_ptr<int64_t>(),
+      positions.data_ptr<int64_t>(), N, E);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, ids, counts, sorted_slots, positions};
 }
 
 at::Tensor permute_tokens_cuda(const at::Tensor& x_in, const at::Tensor& sorted_slots, int64_t top_k) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t N = sorted_slots.size(0), H = x.size(1);
   at::Tensor out = at::empty({N, H}, x.options());
   if (N == 0 || H == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "permute_tokens_cuda", [&] {
     permute_kernel<scalar_t><<<static_cast<unsigned>(N), threads_for(H), 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), sorted_slots.contiguous().data_ptr<int64_t>(), out.data_ptr<scalar_t>(), H, top_k);
+        x.data_ptr<scalar_t>(), sorted_slots.contiguous().data_ptr<int64_t>(), out.data_ptr<scalar_t>(), x.size(0), H,
+        top_k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 at::Tensor unpermute_tokens_cuda(const at::Tensor& y_in, const at::Tensor& slot_positions, const at::Tensor& weights) {
-  const c10::cuda::CUDAGuard guard(y_in.device());
+  const c10::cuda::OptionalCUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous();
   const int64_t T = slot_positions.size(0), H = y.size(1);
   const int k = static_cast<int>(slot_positions.size(1));
@@ -325,7 +393,7 @@ at::Tensor unpermute_tokens_cuda(const at::Tensor& y_in, const at::Tensor& slot_
     const at::Tensor w = weights.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(T), threads_for(H), 0, at::cuda::getCurrentCUDAStream()>>>(
         y.data_ptr<scalar_t>(), slot_positions.contiguous().data_ptr<int64_t>(), w.data_ptr<acc_t>(),
-        out.data_ptr<scalar_t>(), H, k);
+        out.data_ptr<scalar_t>(), y.size(0), H, k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -335,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_tokens_backward_cuda(const at::Tens
                                                                   const at::Tensor& slot_positions,
                                                                   const at::Tensor& weights,
                                                                   const at::Tensor& sorted_slots) {
-  const c10::cuda::CUDAGuard guard(y_in.device());
+  const c10::cuda::OptionalCUDAGuard guard(y_in.device());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t T = slot_positions.size(0), k = slot_positions.size(1), N = y.size(0), H = y.size(1);
@@ -350,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_tokens_backward_cuda(const at::Tens
     if (H > 0) {
       weighted_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), threads_for(H), 0, stream>>>(
           g.data_ptr<scalar_t>(), sorted_slots.contiguous().data_ptr<int64_t>(), w.data_ptr<acc_t>(),
-          gy.data_ptr<scalar_t>(), H, k);
+          gy.data_ptr<scalar_t>(), N, H, k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     row_dot_kernel<scalar_t, acc_t><<<static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock),
