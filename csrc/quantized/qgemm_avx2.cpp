@@ -32,106 +32,82 @@ FASTNN_AVX2 inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-FASTNN_AVX2 inline __m256i dot32(__m256i acc, __m256i a, __m256i b, __m256i ones) {
-  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(a, b));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-}
+// The two kernels differ only in their vector step; the loop around it is shared. A trait gives:
+// the element types, the step width, one multiply-accumulate of a step, the horizontal sum.
+struct S8S8 {  // int8 x int8 -> int32, 32 products per step
+  using In = int8_t;
+  using Out = int32_t;
+  using Vec = __m256i;
+  static constexpr int64_t kStep = 32;
+  FASTNN_AVX2 static Vec zero() { return _mm256_setzero_si256(); }
+  FASTNN_AVX2 static Vec load_a(const In* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  FASTNN_AVX2 static Vec madd(Vec acc, Vec a, const int8_t* bp) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(a, b));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+  FASTNN_AVX2 static Out sum(Vec v) { return hsum_epi32(v); }
+};
 
-// One activation row against four weight rows per pass: each activation load serves four dots.
-FASTNN_AVX2 void s8s8_avx2(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
-                           int64_t M, int64_t n0, int64_t n1, int64_t K) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t K32 = K - K % 32;
+struct F32S8 {  // float x int8 (widened to float) -> float, 8 products per step
+  using In = float;
+  using Out = float;
+  using Vec = __m256;
+  static constexpr int64_t kStep = 8;
+  FASTNN_AVX2 static Vec zero() { return _mm256_setzero_ps(); }
+  FASTNN_AVX2 static Vec load_a(const In* p) { return _mm256_loadu_ps(p); }
+  FASTNN_AVX2 static Vec madd(Vec acc, Vec a, const int8_t* bp) {
+    const __m256i b32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bp)));
+    return _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(b32), acc);
+  }
+  FASTNN_AVX2 static Out sum(Vec v) { return hsum_ps(v); }
+};
+
+// One activation row against four weight rows per pass (each activation load serves four dot
+// products), then the remaining rows one at a time; the K tail in scalar code.
+template <typename Tr>
+FASTNN_AVX2 void gemm_avx2(const typename Tr::In* A, int64_t lda, const int8_t* B, int64_t ldb,
+                           typename Tr::Out* C, int64_t ldc, int64_t M, int64_t n0, int64_t n1, int64_t K) {
+  using Out = typename Tr::Out;
+  const int64_t Kv = K - K % Tr::kStep;
   for (int64_t m = 0; m < M; ++m) {
-    const int8_t* a = A + m * lda;
+    const typename Tr::In* a = A + m * lda;
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
-      const int8_t* b0 = B + n * ldb;
-      const int8_t* b1 = b0 + ldb;
-      const int8_t* b2 = b1 + ldb;
-      const int8_t* b3 = b2 + ldb;
-      __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;
-      for (int64_t k = 0; k < K32; k += 32) {
-        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k));
-        c0 = dot32(c0, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + k)), ones);
-        c1 = dot32(c1, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + k)), ones);
-        c2 = dot32(c2, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b2 + k)), ones);
-        c3 = dot32(c3, av, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b3 + k)), ones);
+      const int8_t* b = B + n * ldb;
+      typename Tr::Vec c0 = Tr::zero(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t k = 0; k < Kv; k += Tr::kStep) {
+        const typename Tr::Vec av = Tr::load_a(a + k);
+        c0 = Tr::madd(c0, av, b + k);
+        c1 = Tr::madd(c1, av, b + ldb + k);
+        c2 = Tr::madd(c2, av, b + 2 * ldb + k);
+        c3 = Tr::madd(c3, av, b + 3 * ldb + k);
       }
-      int32_t s0 = hsum_epi32(c0), s1 = hsum_epi32(c1), s2 = hsum_epi32(c2), s3 = hsum_epi32(c3);
-      for (int64_t k = K32; k < K; ++k) {
-        const int32_t x = a[k];
-        s0 += x * b0[k];
-        s1 += x * b1[k];
-        s2 += x * b2[k];
-        s3 += x * b3[k];
+      Out s[4] = {Tr::sum(c0), Tr::sum(c1), Tr::sum(c2), Tr::sum(c3)};
+      for (int j = 0; j < 4; ++j) {
+        for (int64_t k = Kv; k < K; ++k) s[j] += Out(a[k]) * Out(b[j * ldb + k]);
+        C[m * ldc + n + j] = s[j];
       }
-      int32_t* c = C + m * ldc + n;
-      c[0] = s0;
-      c[1] = s1;
-      c[2] = s2;
-      c[3] = s3;
     }
     for (; n < n1; ++n) {
       const int8_t* b = B + n * ldb;
-      __m256i c0 = _mm256_setzero_si256();
-      for (int64_t k = 0; k < K32; k += 32)
-        c0 = dot32(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k)),
-                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + k)), ones);
-      int32_t s = hsum_epi32(c0);
-      for (int64_t k = K32; k < K; ++k) s += int32_t(a[k]) * b[k];
+      typename Tr::Vec c0 = Tr::zero();
+      for (int64_t k = 0; k < Kv; k += Tr::kStep) c0 = Tr::madd(c0, Tr::load_a(a + k), b + k);
+      Out s = Tr::sum(c0);
+      for (int64_t k = Kv; k < K; ++k) s += Out(a[k]) * Out(b[k]);
       C[m * ldc + n] = s;
     }
   }
 }
 
-FASTNN_AVX2 inline __m256 load8_s8_as_ps(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// Weight-only: eight int8 weights widened to fp32 per step, fused multiply-add with fp32 activations.
-FASTNN_AVX2 void f32s8_avx2(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc,
-                            int64_t M, int64_t n0, int64_t n1, int64_t K) {
-  const int64_t K8 = K - K % 8;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* a = A + m * lda;
-    int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) {
-      const int8_t* b0 = B + n * ldb;
-      const int8_t* b1 = b0 + ldb;
-      __m256 c0 = _mm256_setzero_ps(), c1 = c0;
-      for (int64_t k = 0; k < K8; k += 8) {
-        const __m256 av = _mm256_loadu_ps(a + k);
-        c0 = _mm256_fmadd_ps(av, load8_s8_as_ps(b0 + k), c0);
-        c1 = _mm256_fmadd_ps(av, load8_s8_as_ps(b1 + k), c1);
-      }
-      float s0 = hsum_ps(c0), s1 = hsum_ps(c1);
-      for (int64_t k = K8; k < K; ++k) {
-        s0 += a[k] * float(b0[k]);
-        s1 += a[k] * float(b1[k]);
-      }
-      C[m * ldc + n] = s0;
-      C[m * ldc + n + 1] = s1;
-    }
-    for (; n < n1; ++n) {
-      const int8_t* b = B + n * ldb;
-      __m256 c0 = _mm256_setzero_ps();
-      for (int64_t k = 0; k < K8; k += 8) c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8_s8_as_ps(b + k), c0);
-      float s = hsum_ps(c0);
-      for (int64_t k = K8; k < K; ++k) s += a[k] * float(b[k]);
-      C[m * ldc + n] = s;
-    }
-  }
-}
-
-const Kernels kAvx2{"avx2", s8s8_avx2, f32s8_avx2};
+const Kernels kAvx2{"avx2", gemm_avx2<S8S8>, gemm_avx2<F32S8>};
 
 }  // namespace
 
 const Kernels* avx2_kernels() { return &kAvx2; }
 
 // The weight-only kernel of the AVX-512 variant (its int8 kernel is its own).
-F32S8Kernel avx2_f32s8() { return f32s8_avx2; }
+F32S8Kernel avx2_f32s8() { return gemm_avx2<F32S8>; }
 
 }  // namespace quantized
 }  // namespace fastnn

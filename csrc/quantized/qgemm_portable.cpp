@@ -12,33 +12,22 @@ namespace fastnn {
 namespace quantized {
 namespace {
 
-void s8s8_portable(const int8_t* A, int64_t lda, const int8_t* B, int64_t ldb, int32_t* C, int64_t ldc,
-                   int64_t M, int64_t n0, int64_t n1, int64_t K) {
+// C[m, n] = sum_k A[m, k] * B[n, k], accumulated in Acc (int32 for int8 A: exact; float otherwise).
+template <typename In, typename Acc>
+void gemm_portable(const In* A, int64_t lda, const int8_t* B, int64_t ldb, Acc* C, int64_t ldc, int64_t M,
+                   int64_t n0, int64_t n1, int64_t K) {
   for (int64_t m = 0; m < M; ++m) {
-    const int8_t* a = A + m * lda;
+    const In* a = A + m * lda;
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* b = B + n * ldb;
-      int32_t acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += int32_t(a[k]) * int32_t(b[k]);
+      Acc acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += Acc(a[k]) * Acc(b[k]);
       C[m * ldc + n] = acc;
     }
   }
 }
 
-void f32s8_portable(const float* A, int64_t lda, const int8_t* B, int64_t ldb, float* C, int64_t ldc,
-                    int64_t M, int64_t n0, int64_t n1, int64_t K) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* a = A + m * lda;
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* b = B + n * ldb;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += a[k] * float(b[k]);
-      C[m * ldc + n] = acc;
-    }
-  }
-}
-
-const Kernels kPortable{"default", s8s8_portable, f32s8_portable};
+const Kernels kPortable{"default", gemm_portable<int8_t, int32_t>, gemm_portable<float, float>};
 
 const Kernels* by_name(const std::string& name) {
   const Kernels* all[3];

@@ -13,6 +13,13 @@ from .helpers import lstm_args, needs_cpu_kernels, run_seq, weights
 VARIANTS = ("default", "avx2", "avx512_vnni")
 
 
+@pytest.fixture(params=["reference", "cpu"])
+def backend(request):
+    if request.param == "cpu":
+        needs_cpu_kernels()
+    return request.param
+
+
 @pytest.fixture
 def variant(request):
     """Forces one int8 kernel variant for the test, restoring the previous one after."""
@@ -107,10 +114,7 @@ def test_sequence_lengths_keep_state_past_the_end():
     torch.testing.assert_close(out[:2, 1:], out2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_nan_row_does_not_poison_other_rows(backend):
-    if backend == "cpu":
-        needs_cpu_kernels()
     x = torch.randn(4, 40)
     w, s = weights(6, 40)
     clean = qops.int8_linear.call(backend, x, w, s, None, False)
@@ -157,10 +161,7 @@ def test_set_isa_refuses_unknown_variant():
 # ---------------------------------------------------------------------------------------------
 # Bad input: the same clear error from every backend; the compiled op checks what memory safety needs.
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bad_input(backend):
-    if backend == "cpu":
-        needs_cpu_kernels()
     x = torch.randn(3, 8)
     w, s = weights(5, 8)
     call = qops.int8_linear.call
