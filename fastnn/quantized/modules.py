@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ..ops import quantized as qops
 from ..reference.quantized import quantize_weight
 
-__all__ = ["Linear", "LSTM", "GRU"]
+__all__ = ["Linear", "LSTM", "GRU", "LSTMCell", "GRUCell"]
 
 Tensor = torch.Tensor
 
@@ -42,6 +42,23 @@ class _Quantized(nn.Module):
 
     def _dequantized(self, name: str) -> Tensor:
         return getattr(self, f"{name}_q").float() * getattr(self, f"{name}_scale").unsqueeze(-1)
+
+    def _quantize_from(self, mod: nn.Module) -> None:
+        """Quantize ``mod``'s weights into this module; copy its biases (``weight*`` -> ``bias*``) in fp32."""
+        for name in self._weights:
+            self._set_weight(name, *quantize_weight(getattr(mod, name)))
+            b = getattr(mod, name.replace("weight", "bias"), None)
+            if b is not None:
+                setattr(self, name.replace("weight", "bias"), b.detach().float().clone())
+
+    def _dequantize_into(self, m: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for name in self._weights:
+                getattr(m, name).copy_(self._dequantized(name))
+                b = getattr(self, name.replace("weight", "bias"), None)
+                if b is not None:
+                    getattr(m, name.replace("weight", "bias")).copy_(b)
+        return m
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -86,18 +103,11 @@ class Linear(_Quantized):
     @classmethod
     def from_float(cls, mod: nn.Linear, weight_only: bool = False) -> "Linear":
         q = cls(mod.in_features, mod.out_features, mod.bias is not None, weight_only)
-        q._set_weight("weight", *quantize_weight(mod.weight))
-        if mod.bias is not None:
-            q.bias = mod.bias.detach().float().clone()
+        q._quantize_from(mod)
         return q
 
     def to_float(self) -> nn.Linear:
-        m = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        with torch.no_grad():
-            m.weight.copy_(self._dequantized("weight"))
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
-        return m
+        return self._dequantize_into(nn.Linear(self.in_features, self.out_features, self.bias is not None))
 
     def forward(self, input: Tensor) -> Tensor:
         return qops.int8_linear(input, self.weight_q, self.weight_scale, self.bias, self.weight_only)
@@ -107,9 +117,21 @@ class Linear(_Quantized):
                 f"{self._mode()}")
 
 
-class _RNNBase(_Quantized):
+class _Recurrent(_Quantized):
+    """What the recurrent layers and cells share: one op call over a (sub)sequence."""
+
     _kind = "lstm"
     _gates = 4
+
+    def _layer(self, x: Tensor, states: list[Tensor], sfx: str, lengths: Optional[Tensor], reverse: bool):
+        w = [getattr(self, n) for n in (f"weight_ih{sfx}_q", f"weight_ih{sfx}_scale", f"weight_hh{sfx}_q",
+                                         f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")]
+        if self._kind == "lstm":
+            return qops.int8_lstm_seq(x, states[0], states[1], *w, lengths, reverse, self.weight_only)
+        return qops.int8_gru_seq(x, states[0], *w, lengths, reverse, self.weight_only)
+
+
+class _RNNBase(_Recurrent):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
@@ -149,24 +171,13 @@ class _RNNBase(_Quantized):
         q._float_cls = type(mod)
         if hasattr(mod, "recurrent_dropout"):
             q._float_kwargs = {"recurrent_dropout": mod.recurrent_dropout}
-        for name in q._weights:
-            q._set_weight(name, *quantize_weight(getattr(mod, name)))
-            if mod.bias:
-                b = name.replace("weight", "bias")
-                setattr(q, b, getattr(mod, b).detach().float().clone())
+        q._quantize_from(mod)
         return q
 
     def to_float(self) -> nn.RNNBase:
-        m = self._float_cls(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
-                            batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
-                            **self._float_kwargs)
-        with torch.no_grad():
-            for name in self._weights:
-                getattr(m, name).copy_(self._dequantized(name))
-                if self.bias:
-                    b = name.replace("weight", "bias")
-                    getattr(m, b).copy_(getattr(self, b))
-        return m
+        return self._dequantize_into(self._float_cls(
+            self.input_size, self.hidden_size, self.num_layers, bias=self.bias, batch_first=self.batch_first,
+            dropout=self.dropout, bidirectional=self.bidirectional, **self._float_kwargs))
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -176,13 +187,6 @@ class _RNNBase(_Quantized):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)}"
         return f"{s}, {self._mode()}"
-
-    def _layer(self, x: Tensor, states: list[Tensor], sfx: str, lengths: Optional[Tensor], reverse: bool):
-        w = [getattr(self, n) for n in (f"weight_ih{sfx}_q", f"weight_ih{sfx}_scale", f"weight_hh{sfx}_q",
-                                         f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")]
-        if self._kind == "lstm":
-            return qops.int8_lstm_seq(x, states[0], states[1], *w, lengths, reverse, self.weight_only)
-        return qops.int8_gru_seq(x, states[0], *w, lengths, reverse, self.weight_only)
 
     def forward(self, input, hx=None):
         name = f"fastnn.quantized.{type(self).__name__}"
@@ -252,5 +256,62 @@ class LSTM(_RNNBase):
 
 class GRU(_RNNBase):
     """int8 ``torch.nn.GRU``: the inputs and outputs of the float layer."""
+
+    _kind, _gates = "gru", 3
+
+
+class _CellBase(_Recurrent):
+    _weights = ("weight_ih", "weight_hh")
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, weight_only: bool = False):
+        super().__init__()
+        self.input_size, self.hidden_size, self.bias, self.weight_only = input_size, hidden_size, bias, bool(weight_only)
+        self._float_cls: type = nn.LSTMCell if self._kind == "lstm" else nn.GRUCell
+        G = self._gates * hidden_size
+        self._set_weight("weight_ih", torch.zeros((G, input_size), dtype=torch.int8), torch.ones(G))
+        self._set_weight("weight_hh", torch.zeros((G, hidden_size), dtype=torch.int8), torch.ones(G))
+        self.register_buffer("bias_ih", torch.zeros(G) if bias else None)
+        self.register_buffer("bias_hh", torch.zeros(G) if bias else None)
+
+    @classmethod
+    def from_float(cls, mod: nn.RNNCellBase, weight_only: bool = False) -> "_CellBase":
+        q = cls(mod.input_size, mod.hidden_size, mod.bias, weight_only)
+        q._float_cls = type(mod)
+        q._quantize_from(mod)
+        return q
+
+    def to_float(self) -> nn.RNNCellBase:
+        return self._dequantize_into(self._float_cls(self.input_size, self.hidden_size, bias=self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, {self._mode()}"
+
+    def forward(self, input: Tensor, hx=None):
+        name = f"fastnn.quantized.{type(self).__name__}"
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got "
+                             f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        n_states = 2 if self._kind == "lstm" else 1
+        if hx is None:
+            zeros = x.new_zeros((x.shape[0], self.hidden_size))
+            states = [zeros] * n_states
+        else:
+            states = list(hx) if n_states == 2 else [hx]
+            states = states if batched else [s.unsqueeze(0) for s in states]
+        res = self._layer(x.unsqueeze(0), states, "", None, False)[1:]
+        res = res if batched else tuple(r.squeeze(0) for r in res)
+        return tuple(res) if n_states == 2 else res[0]
+
+
+class LSTMCell(_CellBase):
+    """int8 ``torch.nn.LSTMCell`` (one step of :func:`fastnn.ops.quantized.int8_lstm_seq`)."""
+
+    _kind, _gates = "lstm", 4
+
+
+class GRUCell(_CellBase):
+    """int8 ``torch.nn.GRUCell`` (one step of :func:`fastnn.ops.quantized.int8_gru_seq`)."""
 
     _kind, _gates = "gru", 3

@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastnn.nn.rnn as fnn
 from fastnn.ops import quantized as qops
-from fastnn.quantized import GRU, LSTM, Linear, dequantize, quantize_dynamic
+from fastnn.quantized import GRU, LSTM, GRUCell, Linear, LSTMCell, dequantize, quantize_dynamic
 
 from .helpers import needs_cpu_kernels
 
@@ -100,6 +100,21 @@ def test_packed_sequence(backend, cls, enforce_sorted):
         assert rel_err(g, w) < DYNAMIC_BOUND
     pg, _ = pad_packed_sequence(got[0])
     assert torch.all(pg[2:, lengths.tolist().index(2)] == 0)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, fnn.LSTMCell, fnn.GRUCell])
+def test_cells_vs_float(backend, cls):
+    m = cls(10, 16)
+    q = quantize_dynamic(m)
+    assert type(q) is (LSTMCell if issubclass(cls, nn.LSTMCell) else GRUCell)
+    x, h = torch.randn(3, 10), torch.randn(3, 16) * 0.5
+    hx = (h, torch.randn(3, 16) * 0.5) if issubclass(cls, nn.LSTMCell) else h
+    with torch.no_grad():
+        for args in ((x,), (x, hx), (x[0], torch.utils._pytree.tree_map(lambda t: t[0], hx))):
+            got, want = q(*args), m(*args)
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert g.shape == w.shape and rel_err(g, w) < DYNAMIC_BOUND
+    assert type(dequantize(q)) is cls
 
 
 def test_fastnn_layers_are_quantized_and_restored(backend):
