@@ -210,8 +210,9 @@ at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& w_q, const at:
   const int64_t N = w_q.size(0), K = input.size(-1);
   check_weight(w_q, w_scale, "w_q", "w_scale", N, K);
   at::Tensor b = opt_f32(bias, "bias", N);
-  at::Tensor x = input.reshape({-1, K}).contiguous();
-  const int64_t M = x.size(0);
+  int64_t M = 1;  // not reshape(-1, K): with K = 0 the -1 would be ambiguous
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) M *= input.size(d);
+  at::Tensor x = input.reshape({M, K}).contiguous();
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty({M, N}, input.options());

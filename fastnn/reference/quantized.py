@@ -69,7 +69,7 @@ def int8_linear(input: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tens
     scale, products are accumulated in int32. ``weight_only=True``: fp32 activations times the
     dequantized weights, accumulated in fp32. Inference only (no gradient)."""
     lead = input.shape[:-1]
-    x = input.reshape(-1, input.shape[-1])
+    x = input.reshape(lead.numel(), input.shape[-1])  # not -1: ambiguous when in_features is 0
     if weight_only:
         y = (x @ w_q.float().t()) * w_scale
     else:
