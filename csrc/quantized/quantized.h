@@ -24,5 +24,10 @@ std::tuple<at::Tensor, at::Tensor> int8_gru_seq(
     const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih, const Opt& b_hh,
     const Opt& lengths, bool reverse, bool weight_only);
 
+std::tuple<at::Tensor, at::Tensor> int8_rnn_seq(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih_q, const at::Tensor& w_ih_scale,
+    const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih, const Opt& b_hh,
+    const Opt& lengths, bool reverse, bool weight_only, c10::string_view nonlinearity);
+
 }  // namespace quantized
 }  // namespace fastnn

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -113,20 +114,24 @@ at::Tensor opt_f32(const Opt& t, const char* arg, int64_t N) {
   return t->contiguous();
 }
 
-// The recurrence shared by LSTM (gates i, f, g, o) and GRU (r, z, n).
+// The recurrence shared by LSTM (gates i, f, g, o), GRU (r, z, n) and the Elman RNN (one gate).
+enum class Kind { LSTM, GRU, RNN_TANH, RNN_RELU };
+
 struct Seq {
+  Kind kind;
   bool lstm;
   at::Tensor input, h0, c0, w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, lengths;
   bool reverse, weight_only;
 };
 
-Seq check_seq(bool lstm, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
+Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
               const at::Tensor& s_ih, const at::Tensor& w_hh, const at::Tensor& s_hh, const Opt& b_ih,
               const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only) {
   FASTNN_CHECK_ARG(input.scalar_type() == at::kFloat && input.dim() == 3, "input",
                    "a float32 tensor [T, B, input_size]", describe(input));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  const int64_t gates = lstm ? 4 : 3;
+  const bool lstm = kind == Kind::LSTM;
+  const int64_t gates = lstm ? 4 : kind == Kind::GRU ? 3 : 1;
   FASTNN_CHECK_ARG(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1) && w_hh.size(1) > 0, "w_hh_q",
                    "an int8 tensor [" + std::to_string(gates) + "*hidden_size, hidden_size]", describe(w_hh));
   const int64_t H = w_hh.size(1), G = gates * H;
@@ -134,7 +139,7 @@ Seq check_seq(bool lstm, const at::Tensor& input, const at::Tensor& h0, const at
   check_weight(w_hh, s_hh, "w_hh_q", "w_hh_scale", G, H);
   check_f32(h0, "h0", {B, H});
   if (lstm) check_f32(c0, "c0", {B, H});
-  Seq s{lstm, input.contiguous(), h0.contiguous(), lstm ? c0.contiguous() : at::Tensor(), w_ih.contiguous(),
+  Seq s{kind, lstm, input.contiguous(), h0.contiguous(), lstm ? c0.contiguous() : at::Tensor(), w_ih.contiguous(),
         s_ih.contiguous(), w_hh.contiguous(), s_hh.contiguous(), opt_f32(b_ih, "b_ih", G), opt_f32(b_hh, "b_hh", G),
         at::Tensor(), reverse, weight_only};
   if (lengths.has_value() && lengths->defined()) {
@@ -158,6 +163,7 @@ template <>
 struct Act<float> {
   static float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
   static float tanh(float x) { return std::tanh(x); }
+  static float relu(float x) { return x != x ? x : (x > 0.f ? x : 0.f); }  // NaN propagates, as torch.relu
   static float ld(const float* p) { return *p; }
   static void st(float* p, float v) { *p = v; }
 };
@@ -165,6 +171,7 @@ template <>
 struct Act<Vec> {
   static Vec sigmoid(Vec x) { return (Vec(1.f) + x.neg().exp_u20()).reciprocal(); }
   static Vec tanh(Vec x) { return Vec(2.f) * sigmoid(x + x) - Vec(1.f); }
+  static Vec relu(Vec x) { return at::vec::clamp_min(x, Vec(0.f)); }
   static Vec ld(const float* p) { return Vec::loadu(p); }
   static void st(float* p, Vec v) { v.store(p); }
 };
@@ -192,6 +199,14 @@ inline void gru_cols(const float* x, const float* r, float*, float* h, float* ou
   const V z = A::sigmoid(A::ld(x + H + j) + A::ld(r + H + j));
   const V n = A::tanh(A::ld(x + 2 * H + j) + rr * A::ld(r + 2 * H + j));
   const V hn = (V(1.f) - z) * n + z * A::ld(h + j);
+  A::st(h + j, hn);
+  A::st(out + j, hn);
+}
+
+template <typename V>
+inline void rnn_cols(const float* x, const float* r, bool relu, float* h, float* out, int64_t j) {
+  using A = Act<V>;
+  const V hn = relu ? A::relu(A::ld(x + j) + A::ld(r + j)) : A::tanh(A::ld(x + j) + A::ld(r + j));
   A::st(h + j, hn);
   A::st(out + j, hn);
 }
@@ -232,9 +247,13 @@ at::Tensor run(const Seq& s, at::Tensor& h, at::Tensor& c) {
         if (s.lstm) {
           for (; j + Vec::size() <= H; j += Vec::size()) lstm_cols<Vec>(x, r, cb, hb, ob, j, H);
           for (; j < H; ++j) lstm_cols<float>(x, r, cb, hb, ob, j, H);
-        } else {
+        } else if (s.kind == Kind::GRU) {
           for (; j + Vec::size() <= H; j += Vec::size()) gru_cols<Vec>(x, r, cb, hb, ob, j, H);
           for (; j < H; ++j) gru_cols<float>(x, r, cb, hb, ob, j, H);
+        } else {
+          const bool relu = s.kind == Kind::RNN_RELU;
+          for (; j + Vec::size() <= H; j += Vec::size()) rnn_cols<Vec>(x, r, relu, hb, ob, j);
+          for (; j < H; ++j) rnn_cols<float>(x, r, relu, hb, ob, j);
         }
       }
     });
@@ -269,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_lstm_seq(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih_q,
     const at::Tensor& w_ih_scale, const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih,
     const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only) {
-  Seq s = check_seq(true, input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse,
+  Seq s = check_seq(Kind::LSTM, input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse,
                     weight_only);
   at::Tensor h, c;
   at::Tensor out = run(s, h, c);
@@ -280,8 +299,21 @@ std::tuple<at::Tensor, at::Tensor> int8_gru_seq(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih_q, const at::Tensor& w_ih_scale,
     const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
     bool reverse, bool weight_only) {
-  Seq s = check_seq(false, input, h0, at::Tensor(), w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+  Seq s = check_seq(Kind::GRU, input, h0, at::Tensor(), w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
                     reverse, weight_only);
+  at::Tensor h, c;
+  at::Tensor out = run(s, h, c);
+  return {out, h};
+}
+
+std::tuple<at::Tensor, at::Tensor> int8_rnn_seq(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih_q, const at::Tensor& w_ih_scale,
+    const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih, const Opt& b_hh, const Opt& lengths,
+    bool reverse, bool weight_only, c10::string_view nonlinearity) {
+  const std::string nl(nonlinearity.data(), nonlinearity.size());
+  FASTNN_CHECK_ARG(nl == "tanh" || nl == "relu", "nonlinearity", "'tanh' or 'relu'", "'" + nl + "'");
+  Seq s = check_seq(nl == "tanh" ? Kind::RNN_TANH : Kind::RNN_RELU, input, h0, at::Tensor(), w_ih_q, w_ih_scale,
+                    w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only);
   at::Tensor h, c;
   at::Tensor out = run(s, h, c);
   return {out, h};

@@ -1,5 +1,5 @@
-"""Quantized (int8) inference ops: the Python API of ``fastnn::int8_linear``, ``int8_lstm_seq`` and
-``int8_gru_seq``.
+"""Quantized (int8) inference ops: the Python API of ``fastnn::int8_linear``, ``int8_lstm_seq``,
+``int8_gru_seq`` and ``int8_rnn_seq``.
 
 Each is a :class:`fastnn.backends.Op` with the signature of its reference in
 fastnn/reference/quantized.py (the quantization scheme is described there). Backends: ``cpu`` (the
@@ -20,7 +20,7 @@ from .._checks import check_range, check_tensor, fail
 from ..backends import Op
 from ..reference import quantized as ref
 
-__all__ = ["int8_linear", "int8_lstm_seq", "int8_gru_seq", "quantize_weight", "isa", "isas", "set_isa"]
+__all__ = ["int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "quantize_weight", "isa", "isas", "set_isa"]
 
 Tensor = torch.Tensor
 quantize_weight = ref.quantize_weight
@@ -81,7 +81,7 @@ def _validate_linear(a) -> None:
 
 def _validate_seq(kind: str):
     op = f"int8_{kind}_seq"
-    gates = 4 if kind == "lstm" else 3
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
     states = ("h0", "c0") if kind == "lstm" else ("h0",)
 
     def validate(a) -> None:
@@ -109,6 +109,8 @@ def _validate_seq(kind: str):
                 lo, hi = int(a.lengths.min()), int(a.lengths.max())  # CPU tensor: reading it is cheap
                 check_range("lengths", lo, 0, T, hi_inclusive=True, op=op)
                 check_range("lengths", hi, 0, T, hi_inclusive=True, op=op)
+        if kind == "rnn" and a.nonlinearity not in ("tanh", "relu"):
+            fail("nonlinearity", "'tanh' or 'relu'", a.nonlinearity, op=op)
         for flag in ("reverse", "weight_only"):
             if not isinstance(a[flag], bool):
                 fail(flag, "a bool", a[flag], op=op, error=TypeError)
@@ -120,6 +122,7 @@ def _validate_seq(kind: str):
 int8_linear = Op("int8_linear", signature=ref.int8_linear, validate=_validate_linear)
 int8_lstm_seq = Op("int8_lstm_seq", signature=ref.int8_lstm_seq, validate=_validate_seq("lstm"))
 int8_gru_seq = Op("int8_gru_seq", signature=ref.int8_gru_seq, validate=_validate_seq("gru"))
+int8_rnn_seq = Op("int8_rnn_seq", signature=ref.int8_rnn_seq, validate=_validate_seq("rnn"))
 
 
 @int8_linear.register("reference")
@@ -154,6 +157,18 @@ def _gru_cpu(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, leng
                                          reverse, weight_only)
 
 
+@int8_rnn_seq.register("reference")
+def _rnn_reference(**a):
+    return ref.int8_rnn_seq(**a)
+
+
+@int8_rnn_seq.register("cpu", native="int8_rnn_seq")
+def _rnn_cpu(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only,
+             nonlinearity):
+    return torch.ops.fastnn.int8_rnn_seq(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                                         reverse, weight_only, nonlinearity)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels (torch.compile / torch.export), registered when the compiled library loads.
 
@@ -178,6 +193,8 @@ def _register_native(_module) -> None:
     torch.library.register_fake("fastnn::int8_linear")(_fake_linear)
     torch.library.register_fake("fastnn::int8_lstm_seq")(_fake_lstm)
     torch.library.register_fake("fastnn::int8_gru_seq")(_fake_gru)
+    if _extension.has_kernel("int8_rnn_seq", "CPU"):
+        torch.library.register_fake("fastnn::int8_rnn_seq")(_fake_gru)  # same outputs as the GRU's
 
 
 # ---------------------------------------------------------------------------------------------

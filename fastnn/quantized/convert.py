@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .modules import GRU, LSTM, GRUCell, Linear, LSTMCell
+from .modules import GRU, LSTM, RNN, GRUCell, Linear, LSTMCell, RNNCell
 
 __all__ = ["quantize_dynamic", "dequantize", "default_mapping"]
 
@@ -18,8 +18,9 @@ def default_mapping() -> dict[type, type]:
     """Float module type -> quantized module type (exact types, as torch's mapping: a subclass of
     nn.Linear such as MultiheadAttention's out_proj is not swapped)."""
     from ..nn import rnn as fnn  # fastnn's float layers (imported here: fastnn.nn is not needed to import this)
-    return {nn.Linear: Linear, nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell,
-            fnn.LSTM: LSTM, fnn.GRU: GRU, fnn.LSTMCell: LSTMCell, fnn.GRUCell: GRUCell}
+    return {nn.Linear: Linear, nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell,
+            nn.RNNCell: RNNCell, fnn.LSTM: LSTM, fnn.GRU: GRU, fnn.RNN: RNN, fnn.LSTMCell: LSTMCell,
+            fnn.GRUCell: GRUCell, fnn.RNNCell: RNNCell}
 
 
 def _spec(qconfig_spec: Any, mapping: dict) -> tuple[set, set]:
@@ -76,8 +77,8 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
     """Dynamic int8 quantization with the signature and selection rules of
     ``torch.ao.quantization.quantize_dynamic``, including fastnn's recurrent layers.
 
-    ``qconfig_spec``: None (every type in the mapping: nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell,
-    nn.GRUCell and their fastnn.nn counterparts; not nn.RNN / nn.RNNCell yet), a set of module types and/or submodule names, or a dict with those keys (values other
+    ``qconfig_spec``: None (every type in the mapping: nn.Linear, nn.LSTM, nn.GRU, nn.RNN, the three
+    cells and their fastnn.nn counterparts), a set of module types and/or submodule names, or a dict with those keys (values other
     than None select; the qconfig itself is not read: the scheme is fastnn's, see
     fastnn.reference.quantized). ``dtype``: torch.qint8 only (float16 weights are not supported yet).
     ``mapping`` extends/overrides :func:`default_mapping`. ``inplace=False`` quantizes a deep copy.
@@ -118,5 +119,5 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every fastnn.quantized module by its float layer (weights ``w_q * scale``, fp32)."""
     if not inplace:
         model = copy.deepcopy(model)
-    model, _ = _swap(model, lambda name, mod: isinstance(mod, (Linear, LSTM, GRU, LSTMCell, GRUCell)), lambda mod: mod.to_float())
+    model, _ = _swap(model, lambda name, mod: isinstance(mod, (Linear, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)), lambda mod: mod.to_float())
     return model

@@ -1,4 +1,5 @@
-"""Quantized modules: int8 counterparts of torch.nn.Linear, LSTM and GRU for CPU inference.
+"""Quantized modules: int8 counterparts of torch.nn.Linear, LSTM, GRU, RNN and their cells for CPU
+inference.
 
 Weights are int8 with one fp32 scale per output channel (made by :meth:`from_float`); biases, inputs,
 outputs, states and gate math stay fp32. Activations are quantized per row inside the op (one
@@ -26,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ..ops import quantized as qops
 from ..reference.quantized import quantize_weight
 
-__all__ = ["Linear", "LSTM", "GRU", "LSTMCell", "GRUCell"]
+__all__ = ["Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 
 Tensor = torch.Tensor
 
@@ -128,14 +129,24 @@ class _Recurrent(_Quantized):
                                          f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")]
         if self._kind == "lstm":
             return qops.int8_lstm_seq(x, states[0], states[1], *w, lengths, reverse, self.weight_only)
-        return qops.int8_gru_seq(x, states[0], *w, lengths, reverse, self.weight_only)
+        if self._kind == "gru":
+            return qops.int8_gru_seq(x, states[0], *w, lengths, reverse, self.weight_only)
+        return qops.int8_rnn_seq(x, states[0], *w, lengths, reverse, self.weight_only, self.nonlinearity)
+
+    def _init_kind(self, nonlinearity: str, cell: bool) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"fastnn: argument 'nonlinearity': expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        floats = {"lstm": (nn.LSTM, nn.LSTMCell), "gru": (nn.GRU, nn.GRUCell), "rnn": (nn.RNN, nn.RNNCell)}
+        self._float_cls: type = floats[self._kind][cell]
+        self._float_kwargs: dict = {"nonlinearity": nonlinearity} if self._kind == "rnn" else {}
 
 
 class _RNNBase(_Recurrent):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 weight_only: bool = False):
+                 weight_only: bool = False, nonlinearity: str = "tanh"):
         super().__init__()
         if proj_size:
             raise NotImplementedError(f"fastnn.quantized.{type(self).__name__}: proj_size={proj_size} is not supported "
@@ -143,8 +154,7 @@ class _RNNBase(_Recurrent):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size, self.weight_only = bidirectional, 0, bool(weight_only)
-        self._float_cls: type = nn.LSTM if self._kind == "lstm" else nn.GRU
-        self._float_kwargs: dict = {}
+        self._init_kind(nonlinearity, cell=False)
         G, D = self._gates * hidden_size, 2 if bidirectional else 1
         names = []
         for layer in range(num_layers):
@@ -167,10 +177,10 @@ class _RNNBase(_Recurrent):
             raise NotImplementedError(f"fastnn.quantized.{cls.__name__}: proj_size={mod.proj_size} is not supported "
                                       "yet; leave this layer in float (exclude it from qconfig_spec)")
         q = cls(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias, mod.batch_first, mod.dropout,
-                mod.bidirectional, 0, weight_only)
+                mod.bidirectional, 0, weight_only, getattr(mod, "nonlinearity", "tanh"))
         q._float_cls = type(mod)
         if hasattr(mod, "recurrent_dropout"):
-            q._float_kwargs = {"recurrent_dropout": mod.recurrent_dropout}
+            q._float_kwargs["recurrent_dropout"] = mod.recurrent_dropout
         q._quantize_from(mod)
         return q
 
@@ -183,7 +193,8 @@ class _RNNBase(_Recurrent):
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        for k, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
+        for k, default in (("nonlinearity", "tanh"), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+                           ("bidirectional", False)):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)}"
         return f"{s}, {self._mode()}"
@@ -260,13 +271,20 @@ class GRU(_RNNBase):
     _kind, _gates = "gru", 3
 
 
+class RNN(_RNNBase):
+    """int8 ``torch.nn.RNN`` (tanh or relu): the inputs and outputs of the float layer."""
+
+    _kind, _gates = "rnn", 1
+
+
 class _CellBase(_Recurrent):
     _weights = ("weight_ih", "weight_hh")
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, weight_only: bool = False):
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, weight_only: bool = False,
+                 nonlinearity: str = "tanh"):
         super().__init__()
         self.input_size, self.hidden_size, self.bias, self.weight_only = input_size, hidden_size, bias, bool(weight_only)
-        self._float_cls: type = nn.LSTMCell if self._kind == "lstm" else nn.GRUCell
+        self._init_kind(nonlinearity, cell=True)
         G = self._gates * hidden_size
         self._set_weight("weight_ih", torch.zeros((G, input_size), dtype=torch.int8), torch.ones(G))
         self._set_weight("weight_hh", torch.zeros((G, hidden_size), dtype=torch.int8), torch.ones(G))
@@ -275,16 +293,18 @@ class _CellBase(_Recurrent):
 
     @classmethod
     def from_float(cls, mod: nn.RNNCellBase, weight_only: bool = False) -> "_CellBase":
-        q = cls(mod.input_size, mod.hidden_size, mod.bias, weight_only)
+        q = cls(mod.input_size, mod.hidden_size, mod.bias, weight_only, getattr(mod, "nonlinearity", "tanh"))
         q._float_cls = type(mod)
         q._quantize_from(mod)
         return q
 
     def to_float(self) -> nn.RNNCellBase:
-        return self._dequantize_into(self._float_cls(self.input_size, self.hidden_size, bias=self.bias))
+        return self._dequantize_into(self._float_cls(self.input_size, self.hidden_size, bias=self.bias,
+                                                     **self._float_kwargs))
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, {self._mode()}"
+        nl = ", nonlinearity=relu" if self._kind == "rnn" and self.nonlinearity == "relu" else ""
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}{nl}, {self._mode()}"
 
     def forward(self, input: Tensor, hx=None):
         name = f"fastnn.quantized.{type(self).__name__}"
@@ -305,13 +325,12 @@ class _CellBase(_Recurrent):
         return tuple(res) if n_states == 2 else res[0]
 
 
-class LSTMCell(_CellBase):
-    """int8 ``torch.nn.LSTMCell`` (one step of :func:`fastnn.ops.quantized.int8_lstm_seq`)."""
+def _cell(name: str, kind: str, gates: int) -> type:
+    """The int8 counterpart of ``torch.nn.<name>``: one step of ``fastnn.ops.quantized.int8_<kind>_seq``."""
+    doc = f"int8 ``torch.nn.{name}`` (one step of :func:`fastnn.ops.quantized.int8_{kind}_seq`)."
+    return type(name, (_CellBase,), {"_kind": kind, "_gates": gates, "__doc__": doc, "__module__": __name__})
 
-    _kind, _gates = "lstm", 4
 
-
-class GRUCell(_CellBase):
-    """int8 ``torch.nn.GRUCell`` (one step of :func:`fastnn.ops.quantized.int8_gru_seq`)."""
-
-    _kind, _gates = "gru", 3
+LSTMCell = _cell("LSTMCell", "lstm", 4)
+GRUCell = _cell("GRUCell", "gru", 3)
+RNNCell = _cell("RNNCell", "rnn", 1)

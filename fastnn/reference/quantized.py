@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["quantize_weight", "quantize_rows", "int8_linear", "int8_lstm_seq", "int8_gru_seq", "QMAX"]
+__all__ = ["quantize_weight", "quantize_rows", "int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "QMAX"]
 
 QMAX = 127
 
@@ -144,6 +144,25 @@ def int8_gru_seq(input: Tensor, h0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, 
         z = (xz + hz).sigmoid()
         n = (xn + r * hn).tanh()
         return [(1 - z) * n + z * h]
+
+    out, (hn,) = _run(step, input, [h0], lengths, reverse)
+    return out, hn
+
+
+def int8_rnn_seq(input: Tensor, h0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, w_hh_q: Tensor,
+                 w_hh_scale: Tensor, b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+                 lengths: Optional[Tensor] = None, reverse: bool = False, weight_only: bool = False,
+                 nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:
+    """One int8 Elman RNN layer and direction: ``(output [T, B, H], h_n [B, H])``, float32, with
+    ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, ``act`` = ``nonlinearity`` ("tanh" or "relu"); weights
+    ``[H, *]``. Arguments, quantization and ``lengths``/``reverse`` as :func:`int8_lstm_seq`."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"fastnn: argument 'int8_rnn_seq: nonlinearity': expected 'tanh' or 'relu', got {nonlinearity!r}")
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    gi = int8_linear(input, w_ih_q, w_ih_scale, b_ih, weight_only)
+
+    def step(t, states):
+        return [act(gi[t] + int8_linear(states[0], w_hh_q, w_hh_scale, b_hh, weight_only))]
 
     out, (hn,) = _run(step, input, [h0], lengths, reverse)
     return out, hn

@@ -31,4 +31,9 @@ def lstm_args(T: int, B: int, I: int, H: int, gates: int = 4, bias: bool = True)
 def run_seq(kind: str, backend: str, x, h0, c0, w, lengths=None, reverse=False, weight_only=False):
     if kind == "lstm":
         return qops.int8_lstm_seq.call(backend, x, h0, c0, *w, lengths, reverse, weight_only)
+    if kind.startswith("rnn"):  # rnn_tanh / rnn_relu
+        return qops.int8_rnn_seq.call(backend, x, h0, *w, lengths, reverse, weight_only, kind[4:])
     return qops.int8_gru_seq.call(backend, x, h0, *w, lengths, reverse, weight_only)
+
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}

@@ -69,10 +69,10 @@ def test_int8_linear(case):
 
 @st.composite
 def seq_case(draw):
-    kind = draw(st.sampled_from(["lstm", "gru"]))
+    kind = draw(st.sampled_from(["lstm", "gru", "rnn"]))
     T, B = draw(st.sampled_from([1, 2, 5])), draw(st.sampled_from([0, 1, 3]))
     I, H = draw(st.sampled_from([1, 4, 33])), draw(st.sampled_from([1, 5, 8]))
-    G = (4 if kind == "lstm" else 3) * H
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[kind] * H
     x = _values(draw, (B, T, I), False).transpose(0, 1)  # batch-first storage, time-major view
     w_ih, s_ih = ref.quantize_weight(torch.randn(G, I))
     w_hh, s_hh = ref.quantize_weight(torch.randn(G, H))
@@ -87,9 +87,9 @@ def seq_case(draw):
 def test_int8_sequences(case):
     needs_cpu_kernels()
     kind, x, h0, c0, w, lengths, reverse, weight_only = case
-    op = qops.int8_lstm_seq if kind == "lstm" else qops.int8_gru_seq
+    op = {"lstm": qops.int8_lstm_seq, "gru": qops.int8_gru_seq, "rnn": qops.int8_rnn_seq}[kind]
     states = (h0, c0) if kind == "lstm" else (h0,)
-    args = (x, *states, *w, lengths, reverse, weight_only)
+    args = (x, *states, *w, lengths, reverse, weight_only) + (("relu",) if kind == "rnn" else ())
     bad = lengths is not None and bool(((lengths < 0) | (lengths > x.shape[0])).any())
     if bad:
         for backend in ("cpu", "reference"):

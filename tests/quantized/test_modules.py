@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastnn.nn.rnn as fnn
 from fastnn.ops import quantized as qops
-from fastnn.quantized import GRU, LSTM, GRUCell, Linear, LSTMCell, dequantize, quantize_dynamic
+from fastnn.quantized import GRU, LSTM, RNN, GRUCell, Linear, LSTMCell, RNNCell, dequantize, quantize_dynamic
 
 from .helpers import needs_cpu_kernels
 
@@ -56,13 +56,16 @@ RNN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+QTYPES = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+
+
+@pytest.mark.parametrize("cls,extra", [(nn.LSTM, {}), (nn.GRU, {}), (nn.RNN, {}), (nn.RNN, {"nonlinearity": "relu"})])
 @pytest.mark.parametrize("opts", RNN_CASES)
 @pytest.mark.parametrize("weight_only", [False, True])
-def test_recurrent_vs_float(backend, cls, opts, weight_only):
-    m = cls(12, 24, **opts)
+def test_recurrent_vs_float(backend, cls, extra, opts, weight_only):
+    m = cls(12, 24, **opts, **extra)
     q = quantize_dynamic(m, weight_only=weight_only)
-    assert type(q) is (LSTM if cls is nn.LSTM else GRU)
+    assert type(q) is QTYPES[cls] and getattr(q, "nonlinearity", "tanh") == extra.get("nonlinearity", "tanh")
     bound = WEIGHT_ONLY_BOUND if weight_only else DYNAMIC_BOUND
     T, B = 6, 3
     x = torch.randn(B, T, 12) if opts.get("batch_first") else torch.randn(T, B, 12)
@@ -102,11 +105,13 @@ def test_packed_sequence(backend, cls, enforce_sorted):
     assert torch.all(pg[2:, lengths.tolist().index(2)] == 0)
 
 
-@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, fnn.LSTMCell, fnn.GRUCell])
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell, fnn.LSTMCell, fnn.GRUCell, fnn.RNNCell])
 def test_cells_vs_float(backend, cls):
-    m = cls(10, 16)
+    m = cls(10, 16, nonlinearity="relu") if issubclass(cls, nn.RNNCell) else cls(10, 16)
     q = quantize_dynamic(m)
-    assert type(q) is (LSTMCell if issubclass(cls, nn.LSTMCell) else GRUCell)
+    want = next(q for f, q in ((nn.LSTMCell, LSTMCell), (nn.GRUCell, GRUCell), (nn.RNNCell, RNNCell))
+                if issubclass(cls, f))
+    assert type(q) is want
     x, h = torch.randn(3, 10), torch.randn(3, 16) * 0.5
     hx = (h, torch.randn(3, 16) * 0.5) if issubclass(cls, nn.LSTMCell) else h
     with torch.no_grad():
@@ -128,6 +133,10 @@ def test_fastnn_layers_are_quantized_and_restored(backend):
     assert rel_err(got, y) < DYNAMIC_BOUND
     back = dequantize(q)
     assert type(back["lstm"]) is fnn.LSTM and type(back["gru"]) is fnn.GRU
+    r = quantize_dynamic(fnn.RNN(3, 4, nonlinearity="relu"))
+    assert isinstance(r, RNN) and r.nonlinearity == "relu"
+    back = dequantize(r)
+    assert type(back) is fnn.RNN and back.nonlinearity == "relu"
 
 
 def test_dequantize_gives_the_int8_weights_in_float():

@@ -8,7 +8,7 @@ import fastnn.testing as testing
 from fastnn.ops import quantized as qops
 from fastnn.reference import quantized as ref
 
-from .helpers import lstm_args, needs_cpu_kernels, run_seq, weights
+from .helpers import GATES, lstm_args, needs_cpu_kernels, run_seq, weights
 
 VARIANTS = ("default", "avx2", "avx512_vnni")
 
@@ -85,11 +85,11 @@ def test_variants_agree_bit_for_bit(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True)
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("weight_only", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_sequences_match_reference(variant, kind, weight_only, reverse):
-    gates = 4 if kind == "lstm" else 3
+    gates = GATES[kind]
     x, h0, c0, w = lstm_args(7, 3, 37, 20, gates)
     lengths = torch.tensor([7, 3, 5])
     for lens in (None, lengths):
@@ -186,6 +186,9 @@ def test_bad_input(backend):
         run_seq("lstm", backend, xs, h0, c0[:1], wl)
     with pytest.raises(ValueError, match="'int8_gru_seq: w_hh_q'"):
         run_seq("gru", backend, xs, h0, c0, wl)  # LSTM weights (4H rows) given to the GRU
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=1)
+    with pytest.raises(ValueError, match="'int8_rnn_seq: nonlinearity'"):
+        run_seq("rnn_sigmoid", backend, xs, h0, c0, wl)
 
 
 def test_compiled_ops_check_what_memory_safety_needs():
@@ -212,6 +215,8 @@ def test_opcheck():
     testing.opcheck(torch.ops.fastnn.int8_lstm_seq.default, (xs, h0, c0, *wl, torch.tensor([4, 2]), True, False))
     xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=3)
     testing.opcheck(torch.ops.fastnn.int8_gru_seq.default, (xs, h0, *wl, None, False, True))
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=1)
+    testing.opcheck(torch.ops.fastnn.int8_rnn_seq.default, (xs, h0, *wl, None, False, False, "relu"))
 
 
 def test_quantize_weight():
