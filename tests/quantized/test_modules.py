@@ -2,7 +2,6 @@
 dicts; torch.compile and torch.export; bad input."""
 
 import io
-import warnings
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastnn.nn.rnn as fnn
-from fastnn.ops import quantized as qops
 from fastnn.quantized import GRU, LSTM, RNN, GRUCell, Linear, LSTMCell, RNNCell, dequantize, quantize_dynamic
 
 from .helpers import needs_cpu_kernels
