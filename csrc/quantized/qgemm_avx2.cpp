@@ -41,8 +41,8 @@ struct S8S8 {  // int8 x int8 -> int32, 32 products per step
   static constexpr int64_t kStep = 32;
   FASTNN_AVX2 static Vec zero() { return _mm256_setzero_si256(); }
   FASTNN_AVX2 static Vec load_a(const In* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  FASTNN_AVX2 static Vec madd(Vec acc, Vec a, const int8_t* bp) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+  FASTNN_AVX2 static Vec load_b(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  FASTNN_AVX2 static Vec madd(Vec acc, Vec a, Vec b) {
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(a, b));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
@@ -56,48 +56,82 @@ struct F32S8 {  // float x int8 (widened to float) -> float, 8 products per step
   static constexpr int64_t kStep = 8;
   FASTNN_AVX2 static Vec zero() { return _mm256_setzero_ps(); }
   FASTNN_AVX2 static Vec load_a(const In* p) { return _mm256_loadu_ps(p); }
-  FASTNN_AVX2 static Vec madd(Vec acc, Vec a, const int8_t* bp) {
-    const __m256i b32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bp)));
-    return _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(b32), acc);
+  FASTNN_AVX2 static Vec load_b(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  FASTNN_AVX2 static Vec madd(Vec acc, Vec a, Vec b) { return _mm256_fmadd_ps(a, b, acc); }
   FASTNN_AVX2 static Out sum(Vec v) { return hsum_ps(v); }
 };
 
-// One activation row against four weight rows per pass (each activation load serves four dot
-// products), then the remaining rows one at a time; the K tail in scalar code.
+// Sums of four accumulators plus the scalar K tail, stored at dst[0..3].
+template <typename Tr>
+FASTNN_AVX2 inline void finish4(const typename Tr::Vec (&c)[4], const typename Tr::In* a, const int8_t* b,
+                                int64_t ldb, int64_t Kv, int64_t K, typename Tr::Out* dst) {
+  using Out = typename Tr::Out;
+  for (int j = 0; j < 4; ++j) {
+    Out s = Tr::sum(c[j]);
+    for (int64_t k = Kv; k < K; ++k) s += Out(a[k]) * Out(b[j * ldb + k]);
+    dst[j] = s;
+  }
+}
+
+// Columns [n, n1) of one activation row: four weight rows per pass (each activation load serves
+// four dot products), then one at a time.
+template <typename Tr>
+FASTNN_AVX2 void gemm_row(const typename Tr::In* a, const int8_t* B, int64_t ldb, typename Tr::Out* c_row,
+                          int64_t n, int64_t n1, int64_t Kv, int64_t K) {
+  using Out = typename Tr::Out;
+  for (; n + 4 <= n1; n += 4) {
+    const int8_t* b = B + n * ldb;
+    typename Tr::Vec c[4] = {Tr::zero(), Tr::zero(), Tr::zero(), Tr::zero()};
+    for (int64_t k = 0; k < Kv; k += Tr::kStep) {
+      const typename Tr::Vec av = Tr::load_a(a + k);
+      for (int j = 0; j < 4; ++j) c[j] = Tr::madd(c[j], av, Tr::load_b(b + j * ldb + k));
+    }
+    finish4<Tr>(c, a, b, ldb, Kv, K, c_row + n);
+  }
+  for (; n < n1; ++n) {
+    const int8_t* b = B + n * ldb;
+    typename Tr::Vec c0 = Tr::zero();
+    for (int64_t k = 0; k < Kv; k += Tr::kStep) c0 = Tr::madd(c0, Tr::load_a(a + k), Tr::load_b(b + k));
+    Out s = Tr::sum(c0);
+    for (int64_t k = Kv; k < K; ++k) s += Out(a[k]) * Out(b[k]);
+    c_row[n] = s;
+  }
+}
+
+// Two activation rows against four weight rows per pass: each weight load serves two rows and
+// each activation load four columns (8 accumulators, within AVX2's 16 registers); the rows and
+// columns left over go through gemm_row.
 template <typename Tr>
 FASTNN_AVX2 void gemm_avx2(const typename Tr::In* A, int64_t lda, const int8_t* B, int64_t ldb,
                            typename Tr::Out* C, int64_t ldc, int64_t M, int64_t n0, int64_t n1, int64_t K) {
-  using Out = typename Tr::Out;
+  using V = typename Tr::Vec;
   const int64_t Kv = K - K % Tr::kStep;
-  for (int64_t m = 0; m < M; ++m) {
-    const typename Tr::In* a = A + m * lda;
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    const typename Tr::In* a0 = A + m * lda;
+    const typename Tr::In* a1 = a0 + lda;
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
       const int8_t* b = B + n * ldb;
-      typename Tr::Vec c0 = Tr::zero(), c1 = c0, c2 = c0, c3 = c0;
+      V c0[4] = {Tr::zero(), Tr::zero(), Tr::zero(), Tr::zero()};
+      V c1[4] = {Tr::zero(), Tr::zero(), Tr::zero(), Tr::zero()};
       for (int64_t k = 0; k < Kv; k += Tr::kStep) {
-        const typename Tr::Vec av = Tr::load_a(a + k);
-        c0 = Tr::madd(c0, av, b + k);
-        c1 = Tr::madd(c1, av, b + ldb + k);
-        c2 = Tr::madd(c2, av, b + 2 * ldb + k);
-        c3 = Tr::madd(c3, av, b + 3 * ldb + k);
+        const V x0 = Tr::load_a(a0 + k), x1 = Tr::load_a(a1 + k);
+        for (int j = 0; j < 4; ++j) {
+          const V bv = Tr::load_b(b + j * ldb + k);
+          c0[j] = Tr::madd(c0[j], x0, bv);
+          c1[j] = Tr::madd(c1[j], x1, bv);
+        }
       }
-      Out s[4] = {Tr::sum(c0), Tr::sum(c1), Tr::sum(c2), Tr::sum(c3)};
-      for (int j = 0; j < 4; ++j) {
-        for (int64_t k = Kv; k < K; ++k) s[j] += Out(a[k]) * Out(b[j * ldb + k]);
-        C[m * ldc + n + j] = s[j];
-      }
+      finish4<Tr>(c0, a0, b, ldb, Kv, K, C + m * ldc + n);
+      finish4<Tr>(c1, a1, b, ldb, Kv, K, C + (m + 1) * ldc + n);
     }
-    for (; n < n1; ++n) {
-      const int8_t* b = B + n * ldb;
-      typename Tr::Vec c0 = Tr::zero();
-      for (int64_t k = 0; k < Kv; k += Tr::kStep) c0 = Tr::madd(c0, Tr::load_a(a + k), b + k);
-      Out s = Tr::sum(c0);
-      for (int64_t k = Kv; k < K; ++k) s += Out(a[k]) * Out(b[k]);
-      C[m * ldc + n] = s;
-    }
+    gemm_row<Tr>(a0, B, ldb, C + m * ldc, n, n1, Kv, K);
+    gemm_row<Tr>(a1, B, ldb, C + (m + 1) * ldc, n, n1, Kv, K);
   }
+  for (; m < M; ++m) gemm_row<Tr>(A + m * lda, B, ldb, C + m * ldc, n0, n1, Kv, K);
 }
 
 const Kernels kAvx2{"avx2", gemm_avx2<S8S8>, gemm_avx2<F32S8>};
