@@ -305,3 +305,15 @@ def test_torch_export_keeps_the_int8_ops():
     assert any("fastnn.int8_linear" in t for t in targets), targets
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), q(x))
+
+
+@pytest.mark.gpu
+def test_cuda_model_or_input_says_there_is_no_gpu_path():
+    q = quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 3)))
+    with pytest.raises(NotImplementedError, match="no GPU path"):
+        q[0](torch.randn(2, 4, device="cuda"))
+    q = q.cuda()
+    with pytest.raises(NotImplementedError, match="no GPU path"):
+        q[0](torch.randn(2, 4))
+    with pytest.raises(NotImplementedError, match="no GPU path"):
+        q[1](torch.randn(5, 2, 4, device="cuda"))
