@@ -1,0 +1,33 @@
+// Host entry points of the quantized family (CPU). Schemas and registrations: quantized_ops.cpp;
+// references with the same signatures: fastnn/reference/quantized.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace fastnn {
+namespace quantized {
+
+using Opt = c10::optional<at::Tensor>;
+
+at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& w_q, const at::Tensor& w_scale,
+                       const Opt& bias, bool weight_only);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_lstm_seq(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih_q,
+    const at::Tensor& w_ih_scale, const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih,
+    const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only);
+
+std::tuple<at::Tensor, at::Tensor> int8_gru_seq(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih_q, const at::Tensor& w_ih_scale,
+    const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih, const Opt& b_hh,
+    const Opt& lengths, bool reverse, bool weight_only);
+
+std::tuple<at::Tensor, at::Tensor> int8_rnn_seq(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih_q, const at::Tensor& w_ih_scale,
+    const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih, const Opt& b_hh,
+    const Opt& lengths, bool reverse, bool weight_only, c10::string_view nonlinearity);
+
+}  // namespace quantized
+}  // namespace fastnn

@@ -1,0 +1,68 @@
+// The quantized ops: schemas and CPU registrations.
+//
+//   fastnn::int8_linear      y = x W^T + b with int8 per-channel weights (dynamic or weight-only)
+//   fastnn::int8_lstm_seq    one int8 LSTM layer and direction over a sequence
+//   fastnn::int8_gru_seq     one int8 GRU layer and direction over a sequence
+//   fastnn::int8_rnn_seq     one int8 Elman RNN layer and direction (tanh or relu)
+//   fastnn::quantized_isa / quantized_isas / quantized_set_isa   which int8 kernel variant runs
+//
+// Inference only: no backward ops. Fake kernels and the Python API live in fastnn/ops/quantized.py;
+// the references with the same signatures in fastnn/reference/quantized.py.
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "quantized/qgemm.h"
+#include "quantized/quantized.h"
+
+namespace fastnn {
+namespace quantized {
+namespace {
+
+std::string isa() { return active_kernels().name; }
+
+std::vector<std::string> isas() {
+  const Kernels* all[3];
+  const int n = available_kernels(all);
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) names.emplace_back(all[i]->name);
+  return names;
+}
+
+// Returns the variant that was in use, so that a caller can restore it.
+std::string set_isa(c10::string_view name) {
+  std::string before = active_kernels().name;
+  set_kernels(std::string(name.data(), name.size()).c_str());
+  return before;
+}
+
+}  // namespace
+}  // namespace quantized
+}  // namespace fastnn
+
+TORCH_LIBRARY_FRAGMENT(fastnn, m) {
+  m.def("int8_linear(Tensor input, Tensor w_q, Tensor w_scale, Tensor? bias, bool weight_only) -> Tensor");
+  m.def(
+      "int8_lstm_seq(Tensor input, Tensor h0, Tensor c0, Tensor w_ih_q, Tensor w_ih_scale, Tensor w_hh_q, "
+      "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "int8_gru_seq(Tensor input, Tensor h0, Tensor w_ih_q, Tensor w_ih_scale, Tensor w_hh_q, "
+      "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "int8_rnn_seq(Tensor input, Tensor h0, Tensor w_ih_q, Tensor w_ih_scale, Tensor w_hh_q, "
+      "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only, "
+      "str nonlinearity) -> (Tensor, Tensor)");
+  m.def("quantized_isa() -> str", &fastnn::quantized::isa);
+  m.def("quantized_isas() -> str[]", &fastnn::quantized::isas);
+  m.def("quantized_set_isa(str name) -> str", &fastnn::quantized::set_isa);
+}
+
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("int8_linear", &fastnn::quantized::int8_linear);
+  m.impl("int8_lstm_seq", &fastnn::quantized::int8_lstm_seq);
+  m.impl("int8_gru_seq", &fastnn::quantized::int8_gru_seq);
+  m.impl("int8_rnn_seq", &fastnn::quantized::int8_rnn_seq);
+}

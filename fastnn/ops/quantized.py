@@ -1,0 +1,223 @@
+"""Quantized (int8) inference ops: the Python API of ``fastnn::int8_linear``, ``int8_lstm_seq``,
+``int8_gru_seq`` and ``int8_rnn_seq``.
+
+Each is a :class:`fastnn.backends.Op` with the signature of its reference in
+fastnn/reference/quantized.py (the quantization scheme is described there). Backends: ``cpu`` (the
+compiled kernels, int8 GEMM variant chosen at run time, see :func:`isa`) and ``reference``. There is
+no GPU path yet: CUDA tensors are refused with an error that says so.
+
+The ops are inference-only. They have no gradient; a call whose ``input`` (or state) requires a
+gradient while autograd is recording raises a RuntimeError rather than returning a result that
+silently drops the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from .._checks import check_range, check_tensor, fail
+from ..backends import Op
+from ..reference import quantized as ref
+
+__all__ = ["int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "quantize_weight", "isa", "isas", "set_isa"]
+
+Tensor = torch.Tensor
+quantize_weight = ref.quantize_weight
+_F32 = (torch.float32,)
+_I8 = (torch.int8,)
+
+
+def _no_gpu(a, names, op: str) -> None:
+    for n in names:
+        t = a[n]
+        if isinstance(t, Tensor) and t.device.type != "cpu":
+            fail(n, "a CPU tensor (fastnn's quantized ops have no GPU path yet)", t, op=op,
+                 error=NotImplementedError)
+
+
+def _inference_only(a, names, op: str) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for n in names:
+        t = a[n]
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise RuntimeError(f"fastnn: {op} is inference-only (int8, no gradient), but argument '{n}' requires "
+                               "grad while autograd is recording; run it under torch.no_grad() or "
+                               "torch.inference_mode(), or detach the input")
+
+
+def _check_weight(a, w: str, s: str, rows: int, cols: int, op: str) -> None:
+    check_tensor(a[w], w, dim=2, dtypes=_I8, op=op)
+    if tuple(a[w].shape) != (rows, cols):
+        fail(w, f"an int8 tensor of shape [{rows}, {cols}]", a[w], op=op)
+    check_tensor(a[s], s, dim=1, dtypes=_F32, op=op)
+    if a[s].shape[0] != rows:
+        fail(s, f"a float32 tensor of shape [{rows}]", a[s], op=op)
+
+
+def _check_opt_f32(a, name: str, shape: tuple, op: str) -> None:
+    t = a[name]
+    if t is None:
+        return
+    check_tensor(t, name, dtypes=_F32, op=op)
+    if tuple(t.shape) != shape:
+        fail(name, f"a float32 tensor of shape {list(shape)}", t, op=op)
+
+
+def _validate_linear(a) -> None:
+    op = "int8_linear"
+    _no_gpu(a, ("input", "w_q", "w_scale", "bias"), op)
+    check_tensor(a.input, "input", dtypes=_F32, op=op)
+    if a.input.dim() < 1:
+        fail("input", "a float32 tensor [..., in_features]", a.input, op=op)
+    check_tensor(a.w_q, "w_q", dim=2, dtypes=_I8, op=op)
+    _check_weight(a, "w_q", "w_scale", a.w_q.shape[0], a.input.shape[-1], op)
+    _check_opt_f32(a, "bias", (a.w_q.shape[0],), op)
+    if not isinstance(a.weight_only, bool):
+        fail("weight_only", "a bool", a.weight_only, op=op, error=TypeError)
+    _inference_only(a, ("input", "bias"), op)
+
+
+def _validate_seq(kind: str):
+    op = f"int8_{kind}_seq"
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[kind]
+    states = ("h0", "c0") if kind == "lstm" else ("h0",)
+
+    def validate(a) -> None:
+        tensors = ("input", *states, "w_ih_q", "w_ih_scale", "w_hh_q", "w_hh_scale", "b_ih", "b_hh", "lengths")
+        _no_gpu(a, tensors, op)
+        check_tensor(a.input, "input", dim=3, dtypes=_F32, op=op)
+        check_tensor(a.w_hh_q, "w_hh_q", dim=2, dtypes=_I8, op=op)
+        H = a.w_hh_q.shape[1]
+        if H == 0 or a.w_hh_q.shape[0] != gates * H:
+            fail("w_hh_q", f"an int8 tensor [{gates}*hidden_size, hidden_size]", a.w_hh_q, op=op)
+        T, B, I = a.input.shape
+        _check_weight(a, "w_ih_q", "w_ih_scale", gates * H, I, op)
+        _check_weight(a, "w_hh_q", "w_hh_scale", gates * H, H, op)
+        for s in states:
+            check_tensor(a[s], s, dim=2, dtypes=_F32, op=op)
+            if tuple(a[s].shape) != (B, H):
+                fail(s, f"a float32 tensor of shape [{B}, {H}]", a[s], op=op)
+        _check_opt_f32(a, "b_ih", (gates * H,), op)
+        _check_opt_f32(a, "b_hh", (gates * H,), op)
+        if a.lengths is not None:
+            check_tensor(a.lengths, "lengths", dim=1, dtypes=(torch.int64,), op=op)
+            if a.lengths.shape[0] != B:
+                fail("lengths", f"an int64 tensor of shape [{B}]", a.lengths, op=op)
+            if B and not torch.compiler.is_compiling():
+                lo, hi = int(a.lengths.min()), int(a.lengths.max())  # CPU tensor: reading it is cheap
+                check_range("lengths", lo, 0, T, hi_inclusive=True, op=op)
+                check_range("lengths", hi, 0, T, hi_inclusive=True, op=op)
+        if kind == "rnn" and a.nonlinearity not in ("tanh", "relu"):
+            fail("nonlinearity", "'tanh' or 'relu'", a.nonlinearity, op=op)
+        for flag in ("reverse", "weight_only"):
+            if not isinstance(a[flag], bool):
+                fail(flag, "a bool", a[flag], op=op, error=TypeError)
+        _inference_only(a, ("input", *states, "b_ih", "b_hh"), op)
+
+    return validate
+
+
+int8_linear = Op("int8_linear", signature=ref.int8_linear, validate=_validate_linear)
+int8_lstm_seq = Op("int8_lstm_seq", signature=ref.int8_lstm_seq, validate=_validate_seq("lstm"))
+int8_gru_seq = Op("int8_gru_seq", signature=ref.int8_gru_seq, validate=_validate_seq("gru"))
+int8_rnn_seq = Op("int8_rnn_seq", signature=ref.int8_rnn_seq, validate=_validate_seq("rnn"))
+
+
+@int8_linear.register("reference")
+def _linear_reference(**a):
+    return ref.int8_linear(**a)
+
+
+@int8_linear.register("cpu", native="int8_linear")
+def _linear_cpu(input, w_q, w_scale, bias, weight_only):
+    return torch.ops.fastnn.int8_linear(input, w_q, w_scale, bias, weight_only)
+
+
+@int8_lstm_seq.register("reference")
+def _lstm_reference(**a):
+    return ref.int8_lstm_seq(**a)
+
+
+@int8_lstm_seq.register("cpu", native="int8_lstm_seq")
+def _lstm_cpu(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only):
+    return torch.ops.fastnn.int8_lstm_seq(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh,
+                                          lengths, reverse, weight_only)
+
+
+@int8_gru_seq.register("reference")
+def _gru_reference(**a):
+    return ref.int8_gru_seq(**a)
+
+
+@int8_gru_seq.register("cpu", native="int8_gru_seq")
+def _gru_cpu(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only):
+    return torch.ops.fastnn.int8_gru_seq(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                                         reverse, weight_only)
+
+
+@int8_rnn_seq.register("reference")
+def _rnn_reference(**a):
+    return ref.int8_rnn_seq(**a)
+
+
+@int8_rnn_seq.register("cpu", native="int8_rnn_seq")
+def _rnn_cpu(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only,
+             nonlinearity):
+    return torch.ops.fastnn.int8_rnn_seq(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                                         reverse, weight_only, nonlinearity)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels (torch.compile / torch.export), registered when the compiled library loads.
+
+def _fake_linear(input, w_q, w_scale, bias, weight_only):
+    return input.new_empty((*input.shape[:-1], w_q.shape[0]))
+
+
+def _fake_lstm(input, h0, c0, *rest):
+    T, B = input.shape[0], input.shape[1]
+    return input.new_empty((T, B, h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+def _fake_gru(input, h0, *rest):
+    T, B = input.shape[0], input.shape[1]
+    return input.new_empty((T, B, h0.shape[1])), h0.new_empty(h0.shape)
+
+
+@_extension.on_load
+def _register_native(_module) -> None:
+    if not _extension.has_kernel("int8_linear", "CPU"):  # a library built before these ops existed
+        return
+    torch.library.register_fake("fastnn::int8_linear")(_fake_linear)
+    torch.library.register_fake("fastnn::int8_lstm_seq")(_fake_lstm)
+    torch.library.register_fake("fastnn::int8_gru_seq")(_fake_gru)
+    if _extension.has_kernel("int8_rnn_seq", "CPU"):
+        torch.library.register_fake("fastnn::int8_rnn_seq")(_fake_gru)  # same outputs as the GRU's
+
+
+# ---------------------------------------------------------------------------------------------
+# Which int8 kernel variant runs (portable C++ "default", "avx2", "avx512_vnni"). The process
+# starts with FASTNN_CPU_ISA (auto when unset: the best this CPU runs).
+
+def _lib():
+    if _extension.load() is None or not _extension.has_kernel("int8_linear", "CPU"):
+        raise RuntimeError(f"fastnn: the compiled quantized kernels are not available ({_extension.error()})")
+    return torch.ops.fastnn
+
+
+def isa() -> str:
+    """The int8 kernel variant in use."""
+    return _lib().quantized_isa()
+
+
+def isas() -> list[str]:
+    """The int8 kernel variants this CPU can run, best last."""
+    return list(_lib().quantized_isas())
+
+
+def set_isa(name: str) -> str:
+    """Use variant ``name`` ("default", "avx2", "avx512_vnni" or "auto") from now on; returns the
+    previous one. A variant this CPU cannot run raises ValueError."""
+    return _lib().quantized_set_isa(name)

@@ -1,0 +1,336 @@
+"""Quantized modules: int8 counterparts of torch.nn.Linear, LSTM, GRU, RNN and their cells for CPU
+inference.
+
+Weights are int8 with one fp32 scale per output channel (made by :meth:`from_float`); biases, inputs,
+outputs, states and gate math stay fp32. Activations are quantized per row inside the op (one
+scale per token / batch row), or not at all with ``weight_only=True``. See
+fastnn/reference/quantized.py for the exact arithmetic.
+
+The weights are buffers, not parameters: ``state_dict()`` holds ``<name>_q`` (int8) and
+``<name>_scale`` (fp32) for every float weight ``<name>``, plus the fp32 biases under their float
+names, about a quarter of the float model's bytes. Loading a float state_dict raises an error
+naming the float key.
+
+Inference only: a forward call whose input requires grad while autograd is recording raises a
+RuntimeError (the ops have no gradient; run under ``torch.no_grad()`` / ``torch.inference_mode()``).
+Dropout between recurrent layers is an inference no-op and is not applied. CPU only for now.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..ops import quantized as qops
+from ..reference.quantized import quantize_weight
+
+__all__ = ["Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+Tensor = torch.Tensor
+
+
+class _Quantized(nn.Module):
+    """State-dict handling shared by the quantized modules: ``_weights`` are the float weight names."""
+
+    _weights: tuple[str, ...] = ()
+
+    def _set_weight(self, name: str, w_q: Tensor, scale: Tensor) -> None:
+        self.register_buffer(f"{name}_q", w_q)
+        self.register_buffer(f"{name}_scale", scale)
+
+    def _dequantized(self, name: str) -> Tensor:
+        return getattr(self, f"{name}_q").float() * getattr(self, f"{name}_scale").unsqueeze(-1)
+
+    def _quantize_from(self, mod: nn.Module) -> None:
+        """Quantize ``mod``'s weights into this module; copy its biases (``weight*`` -> ``bias*``) in fp32."""
+        for name in self._weights:
+            self._set_weight(name, *quantize_weight(getattr(mod, name)))
+            b = getattr(mod, name.replace("weight", "bias"), None)
+            if b is not None:
+                setattr(self, name.replace("weight", "bias"), b.detach().float().clone())
+
+    def _dequantize_into(self, m: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for name in self._weights:
+                getattr(m, name).copy_(self._dequantized(name))
+                b = getattr(self, name.replace("weight", "bias"), None)
+                if b is not None:
+                    getattr(m, name.replace("weight", "bias")).copy_(b)
+        return m
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        bad = False
+        for name in self._weights:
+            if prefix + name in state_dict:
+                error_msgs.append(
+                    f"fastnn.quantized.{type(self).__name__}: state_dict key '{prefix + name}' is a float weight; "
+                    f"this module holds '{prefix + name}_q' (int8) and '{prefix + name}_scale'. Load the float "
+                    "state_dict into the float model and quantize it, or load a state_dict saved from a "
+                    "quantized model")
+                bad = True
+            q = state_dict.get(prefix + name + "_q")
+            if isinstance(q, Tensor) and q.dtype != torch.int8:
+                error_msgs.append(f"fastnn.quantized.{type(self).__name__}: state_dict key '{prefix + name}_q' "
+                                  f"must be an int8 tensor, got {q.dtype}")
+                bad = True
+        if not bad:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+
+    def _get_name(self) -> str:  # the repr names the int8 module, not the float layer
+        return f"Quantized{type(self).__name__}"
+
+    def _mode(self) -> str:
+        return ("weights int8 per-channel, activations fp32 (weight-only)" if self.weight_only else
+                "weights int8 per-channel, activations int8 dynamic per row")
+
+
+class Linear(_Quantized):
+    """int8 ``torch.nn.Linear``: ``y = x W^T + b`` with ``fastnn.ops.quantized.int8_linear``."""
+
+    _weights = ("weight",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_only: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.weight_only = in_features, out_features, bool(weight_only)
+        self._set_weight("weight", torch.zeros((out_features, in_features), dtype=torch.int8),
+                         torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, weight_only: bool = False) -> "Linear":
+        q = cls(mod.in_features, mod.out_features, mod.bias is not None, weight_only)
+        q._quantize_from(mod)
+        return q
+
+    def to_float(self) -> nn.Linear:
+        return self._dequantize_into(nn.Linear(self.in_features, self.out_features, self.bias is not None))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return qops.int8_linear(input, self.weight_q, self.weight_scale, self.bias, self.weight_only)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._mode()}")
+
+
+class _Recurrent(_Quantized):
+    """What the recurrent layers and cells share: one op call over a (sub)sequence."""
+
+    _kind = "lstm"
+    _gates = 4
+
+    def _layer(self, x: Tensor, states: list[Tensor], sfx: str, lengths: Optional[Tensor], reverse: bool):
+        w = [getattr(self, n) for n in (f"weight_ih{sfx}_q", f"weight_ih{sfx}_scale", f"weight_hh{sfx}_q",
+                                         f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")]
+        if self._kind == "lstm":
+            return qops.int8_lstm_seq(x, states[0], states[1], *w, lengths, reverse, self.weight_only)
+        if self._kind == "gru":
+            return qops.int8_gru_seq(x, states[0], *w, lengths, reverse, self.weight_only)
+        return qops.int8_rnn_seq(x, states[0], *w, lengths, reverse, self.weight_only, self.nonlinearity)
+
+    def _init_kind(self, nonlinearity: str, cell: bool) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"fastnn: argument 'nonlinearity': expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        floats = {"lstm": (nn.LSTM, nn.LSTMCell), "gru": (nn.GRU, nn.GRUCell), "rnn": (nn.RNN, nn.RNNCell)}
+        self._float_cls: type = floats[self._kind][cell]
+        self._float_kwargs: dict = {"nonlinearity": nonlinearity} if self._kind == "rnn" else {}
+
+
+class _RNNBase(_Recurrent):
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 weight_only: bool = False, nonlinearity: str = "tanh"):
+        super().__init__()
+        if proj_size:
+            raise NotImplementedError(f"fastnn.quantized.{type(self).__name__}: proj_size={proj_size} is not supported "
+                                      "yet; leave this layer in float (exclude it from qconfig_spec)")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.weight_only = bidirectional, 0, bool(weight_only)
+        self._init_kind(nonlinearity, cell=False)
+        G, D = self._gates * hidden_size, 2 if bidirectional else 1
+        names = []
+        for layer in range(num_layers):
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                in_size = input_size if layer == 0 else hidden_size * D
+                self._set_weight("weight_ih" + sfx, torch.zeros((G, in_size), dtype=torch.int8), torch.ones(G))
+                self._set_weight("weight_hh" + sfx, torch.zeros((G, hidden_size), dtype=torch.int8), torch.ones(G))
+                self.register_buffer("bias_ih" + sfx, torch.zeros(G) if bias else None)
+                self.register_buffer("bias_hh" + sfx, torch.zeros(G) if bias else None)
+                names += ["weight_ih" + sfx, "weight_hh" + sfx]
+        self._weights = tuple(names)
+
+    @classmethod
+    def from_float(cls, mod: nn.RNNBase, weight_only: bool = False) -> "_RNNBase":
+        if getattr(mod, "layer_norm", False):
+            raise NotImplementedError(f"fastnn.quantized.{cls.__name__}: layer_norm=True is not supported yet; leave "
+                                      "this layer in float (exclude it from qconfig_spec)")
+        if getattr(mod, "proj_size", 0):
+            raise NotImplementedError(f"fastnn.quantized.{cls.__name__}: proj_size={mod.proj_size} is not supported "
+                                      "yet; leave this layer in float (exclude it from qconfig_spec)")
+        q = cls(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias, mod.batch_first, mod.dropout,
+                mod.bidirectional, 0, weight_only, getattr(mod, "nonlinearity", "tanh"))
+        q._float_cls = type(mod)
+        if hasattr(mod, "recurrent_dropout"):
+            q._float_kwargs["recurrent_dropout"] = mod.recurrent_dropout
+        q._quantize_from(mod)
+        return q
+
+    def to_float(self) -> nn.RNNBase:
+        return self._dequantize_into(self._float_cls(
+            self.input_size, self.hidden_size, self.num_layers, bias=self.bias, batch_first=self.batch_first,
+            dropout=self.dropout, bidirectional=self.bidirectional, **self._float_kwargs))
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for k, default in (("nonlinearity", "tanh"), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+                           ("bidirectional", False)):
+            if getattr(self, k) != default:
+                s += f", {k}={getattr(self, k)}"
+        return f"{s}, {self._mode()}"
+
+    def forward(self, input, hx=None):
+        name = f"fastnn.quantized.{type(self).__name__}"
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # time-major, the caller's batch order
+            lengths = lengths.to(torch.int64)
+            batched = True
+        else:
+            if not isinstance(input, Tensor) or input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got "
+                                 f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}D input")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if self.batch_first and batched:
+                x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
+        if T == 0:  # as torch.nn's recurrent layers
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        D = 2 if self.bidirectional else 1
+        n_states = 2 if self._kind == "lstm" else 1
+        if hx is None:
+            zeros = x.new_zeros((self.num_layers * D, B, self.hidden_size))
+            hx = (zeros, zeros) if n_states == 2 else zeros
+        states = list(hx) if n_states == 2 else [hx]
+        if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
+            raise TypeError(f"{name}: hx must be {'a tuple (h_0, c_0)' if n_states == 2 else 'a tensor'}")
+        if not batched:
+            if any(s.dim() != 2 for s in states):
+                raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D")
+            states = [s.unsqueeze(1) for s in states]
+        want = (self.num_layers * D, B, self.hidden_size)
+        for s in states:
+            if tuple(s.shape) != want:
+                raise RuntimeError(f"{name}: Expected hidden size {want}, got {list(s.shape)}")
+        finals: list[list[Tensor]] = [[] for _ in range(n_states)]
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                k = layer * D + d
+                res = self._layer(x, [s[k] for s in states], f"_l{layer}" + ("_reverse" if d else ""), lengths, d == 1)
+                outs.append(res[0])
+                for i in range(n_states):
+                    finals[i].append(res[1 + i])
+            x = outs[0] if D == 1 else torch.cat(outs, -1)
+        out_states = [torch.stack(f) for f in finals]
+        if packed:
+            si, ui = input.sorted_indices, input.unsorted_indices
+            padded = x if si is None else x.index_select(1, si)
+            lens = lengths if si is None else lengths[si]
+            data = pack_padded_sequence(padded, lens, enforce_sorted=True).data
+            output = PackedSequence(data, input.batch_sizes, si, ui)
+        else:
+            output = x.transpose(0, 1) if (self.batch_first and batched) else x
+            if not batched:
+                output = output.squeeze(1)
+                out_states = [s.squeeze(1) for s in out_states]
+        return output, (tuple(out_states) if n_states == 2 else out_states[0])
+
+
+class LSTM(_RNNBase):
+    """int8 ``torch.nn.LSTM`` (no ``proj_size`` yet): the inputs and outputs of the float layer."""
+
+    _kind, _gates = "lstm", 4
+
+
+class GRU(_RNNBase):
+    """int8 ``torch.nn.GRU``: the inputs and outputs of the float layer."""
+
+    _kind, _gates = "gru", 3
+
+
+class RNN(_RNNBase):
+    """int8 ``torch.nn.RNN`` (tanh or relu): the inputs and outputs of the float layer."""
+
+    _kind, _gates = "rnn", 1
+
+
+class _CellBase(_Recurrent):
+    _weights = ("weight_ih", "weight_hh")
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, weight_only: bool = False,
+                 nonlinearity: str = "tanh"):
+        super().__init__()
+        self.input_size, self.hidden_size, self.bias, self.weight_only = input_size, hidden_size, bias, bool(weight_only)
+        self._init_kind(nonlinearity, cell=True)
+        G = self._gates * hidden_size
+        self._set_weight("weight_ih", torch.zeros((G, input_size), dtype=torch.int8), torch.ones(G))
+        self._set_weight("weight_hh", torch.zeros((G, hidden_size), dtype=torch.int8), torch.ones(G))
+        self.register_buffer("bias_ih", torch.zeros(G) if bias else None)
+        self.register_buffer("bias_hh", torch.zeros(G) if bias else None)
+
+    @classmethod
+    def from_float(cls, mod: nn.RNNCellBase, weight_only: bool = False) -> "_CellBase":
+        q = cls(mod.input_size, mod.hidden_size, mod.bias, weight_only, getattr(mod, "nonlinearity", "tanh"))
+        q._float_cls = type(mod)
+        q._quantize_from(mod)
+        return q
+
+    def to_float(self) -> nn.RNNCellBase:
+        return self._dequantize_into(self._float_cls(self.input_size, self.hidden_size, bias=self.bias,
+                                                     **self._float_kwargs))
+
+    def extra_repr(self) -> str:
+        nl = ", nonlinearity=relu" if self._kind == "rnn" and self.nonlinearity == "relu" else ""
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}{nl}, {self._mode()}"
+
+    def forward(self, input: Tensor, hx=None):
+        name = f"fastnn.quantized.{type(self).__name__}"
+        if not isinstance(input, Tensor) or input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got "
+                             f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        n_states = 2 if self._kind == "lstm" else 1
+        if hx is None:
+            zeros = x.new_zeros((x.shape[0], self.hidden_size))
+            states = [zeros] * n_states
+        else:
+            states = list(hx) if n_states == 2 else [hx]
+            states = states if batched else [s.unsqueeze(0) for s in states]
+        res = self._layer(x.unsqueeze(0), states, "", None, False)[1:]
+        res = res if batched else tuple(r.squeeze(0) for r in res)
+        return tuple(res) if n_states == 2 else res[0]
+
+
+def _cell(name: str, kind: str, gates: int) -> type:
+    """The int8 counterpart of ``torch.nn.<name>``: one step of ``fastnn.ops.quantized.int8_<kind>_seq``."""
+    doc = f"int8 ``torch.nn.{name}`` (one step of :func:`fastnn.ops.quantized.int8_{kind}_seq`)."
+    return type(name, (_CellBase,), {"_kind": kind, "_gates": gates, "__doc__": doc, "__module__": __name__})
+
+
+LSTMCell = _cell("LSTMCell", "lstm", 4)
+GRUCell = _cell("GRUCell", "gru", 3)
+RNNCell = _cell("RNNCell", "rnn", 1)

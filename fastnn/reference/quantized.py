@@ -1,0 +1,168 @@
+"""Pure-PyTorch int8 ops with the exact signatures of the ``fastnn::int8_*`` ops: the test oracle
+and the fallback of last resort.
+
+The quantization scheme (the compiled kernels in csrc/quantized/ compute the same numbers):
+
+* **Weights**: int8, symmetric, one fp32 scale per output channel (row of ``[N, K]``):
+  ``scale[n] = max_k |w[n, k]| / 127`` (1 for an all-zero row), ``w_q = round(w / scale)`` clamped to
+  [-127, 127]. Made once, by :func:`quantize_weight`.
+* **Activations** (dynamic mode): quantized inside the op, **per row** (one scale per token of a
+  Linear input, per batch row of a recurrent input or hidden state, recomputed every step), with the
+  same symmetric rule. Per-row scales keep one outlier row (or a NaN row) from degrading the others.
+  A row holding NaN or inf has no finite scale: its outputs are NaN, as they would be (or be inf)
+  in the float layer, and no other row is affected.
+* **Products**: int8 x int8 summed exactly in int32, then ``acc * x_scale[m] * w_scale[n] + bias[n]``
+  in fp32.
+* **Weight-only mode** (``weight_only=True``): activations stay fp32; ``(x @ w_q^T) * w_scale + bias``
+  in fp32 (the kernel dequantizes the int8 weights as it reads them).
+
+Rounding is to nearest, ties to even (``torch.round``, ``std::nearbyint``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+__all__ = ["quantize_weight", "quantize_rows", "int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "QMAX"]
+
+QMAX = 127
+
+
+def _row_scale(x: Tensor) -> Tensor:
+    amax = x.abs().amax(dim=-1) if x.shape[-1] > 0 else x.new_zeros(x.shape[:-1])
+    scale = amax / QMAX
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: ``weight [N, K]`` (float) -> ``(w_q int8 [N, K], scale fp32 [N])``
+    with ``weight ~= w_q * scale[:, None]``. Non-finite weights raise ValueError."""
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("fastnn: argument 'weight': expected finite values to quantize, got NaN or inf")
+    scale = _row_scale(w)
+    w_q = torch.round(w / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
+    return w_q, scale
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic per-row int8 of ``x [M, K]`` (fp32): ``(x_q int8 [M, K], scale fp32 [M])``. A row with
+    NaN or inf gets scale NaN and zeros in ``x_q``."""
+    scale = _row_scale(x)
+    finite = torch.isfinite(scale)
+    q = torch.round(x / torch.where(finite, scale, torch.ones_like(scale)).unsqueeze(-1)).clamp_(-QMAX, QMAX)
+    q = torch.where(finite.unsqueeze(-1), q, torch.zeros_like(q)).to(torch.int8)
+    return q, torch.where(finite, scale, torch.full_like(scale, float("nan")))
+
+
+def int8_linear(input: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                weight_only: bool = False) -> Tensor:
+    """``y = x W^T + b`` with int8 weights: ``input [..., K]`` float32, ``w_q [N, K]`` int8, ``w_scale [N]``
+    float32 (per output channel), ``bias [N]`` float32 or None -> ``[..., N]`` float32.
+
+    Dynamic mode (default): each row of ``input`` (one token) is quantized to int8 with its own
+    scale, products are accumulated in int32. ``weight_only=True``: fp32 activations times the
+    dequantized weights, accumulated in fp32. Inference only (no gradient)."""
+    lead = input.shape[:-1]
+    x = input.reshape(lead.numel(), input.shape[-1])  # not -1: ambiguous when in_features is 0
+    if weight_only:
+        y = (x @ w_q.float().t()) * w_scale
+    else:
+        x_q, x_scale = quantize_rows(x)
+        acc = x_q.int() @ w_q.int().t() if x.shape[0] and w_q.shape[0] else \
+            torch.zeros((x.shape[0], w_q.shape[0]), dtype=torch.int32)
+        y = acc.float() * x_scale.unsqueeze(-1) * w_scale
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, w_q.shape[0])
+
+
+def _run(step, input: Tensor, states: list[Tensor], lengths: Optional[Tensor], reverse: bool) -> tuple[Tensor, list[Tensor]]:
+    T, B = input.shape[0], input.shape[1]
+    H = states[0].shape[-1]
+    out = input.new_zeros((T, B, H))
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        new = step(t, states)
+        if lengths is not None:
+            live = (t < lengths).unsqueeze(-1)
+            new = [torch.where(live, n, o) for n, o in zip(new, states)]
+            out[t] = torch.where(live, new[0], torch.zeros_like(new[0]))
+        else:
+            out[t] = new[0]
+        states = new
+    return out, states
+
+
+def int8_lstm_seq(input: Tensor, h0: Tensor, c0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, w_hh_q: Tensor,
+                  w_hh_scale: Tensor, b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+                  lengths: Optional[Tensor] = None, reverse: bool = False,
+                  weight_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One int8 LSTM layer and direction: ``(output [T, B, H], h_n [B, H], c_n [B, H])``, all float32.
+
+    ``input [T, B, I]`` time-major float32; ``h0``, ``c0`` ``[B, H]`` float32; ``w_ih_q [4H, I]`` and
+    ``w_hh_q [4H, H]`` int8 with per-row float32 scales ``[4H]`` (torch.nn.LSTM's layout, gates i, f, g,
+    o); biases ``[4H]`` float32 or None. ``lengths`` (int64 ``[B]``, on the CPU): sequence ``b``
+    occupies steps ``0 .. lengths[b]-1``; later steps keep the state and give zeros in ``output``
+    (a PackedSequence in padded form); with ``reverse`` its recurrence starts at step
+    ``lengths[b]-1``. The input projection of all steps is one int8 GEMM (each ``[B, I]`` row of
+    each step quantized per row); each step's recurrent product quantizes ``h`` per batch row.
+    Gate math and state are float32. No projection (``proj_size``). Inference only."""
+    T, B = input.shape[0], input.shape[1]
+    gi = int8_linear(input, w_ih_q, w_ih_scale, b_ih, weight_only)
+
+    def step(t, states):
+        h, c = states
+        gates = gi[t] + int8_linear(h, w_hh_q, w_hh_scale, b_hh, weight_only)
+        i, f, g, o = gates.chunk(4, -1)
+        c2 = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        return [o.sigmoid() * c2.tanh(), c2]
+
+    out, (hn, cn) = _run(step, input, [h0, c0], lengths, reverse)
+    return out, hn, cn
+
+
+def int8_gru_seq(input: Tensor, h0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, w_hh_q: Tensor,
+                 w_hh_scale: Tensor, b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+                 lengths: Optional[Tensor] = None, reverse: bool = False,
+                 weight_only: bool = False) -> tuple[Tensor, Tensor]:
+    """One int8 GRU layer and direction: ``(output [T, B, H], h_n [B, H])``, float32, with torch's
+    ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))`` (gates r, z, n; weights ``[3H, *]``). Arguments,
+    quantization and ``lengths``/``reverse`` as :func:`int8_lstm_seq`. Inference only."""
+    gi = int8_linear(input, w_ih_q, w_ih_scale, b_ih, weight_only)
+
+    def step(t, states):
+        (h,) = states
+        gh = int8_linear(h, w_hh_q, w_hh_scale, b_hh, weight_only)
+        xr, xz, xn = gi[t].chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r = (xr + hr).sigmoid()
+        z = (xz + hz).sigmoid()
+        n = (xn + r * hn).tanh()
+        return [(1 - z) * n + z * h]
+
+    out, (hn,) = _run(step, input, [h0], lengths, reverse)
+    return out, hn
+
+
+def int8_rnn_seq(input: Tensor, h0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, w_hh_q: Tensor,
+                 w_hh_scale: Tensor, b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
+                 lengths: Optional[Tensor] = None, reverse: bool = False, weight_only: bool = False,
+                 nonlinearity: str = "tanh") -> tuple[Tensor, Tensor]:
+    """One int8 Elman RNN layer and direction: ``(output [T, B, H], h_n [B, H])``, float32, with
+    ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, ``act`` = ``nonlinearity`` ("tanh" or "relu"); weights
+    ``[H, *]``. Arguments, quantization and ``lengths``/``reverse`` as :func:`int8_lstm_seq`."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"fastnn: argument 'int8_rnn_seq: nonlinearity': expected 'tanh' or 'relu', got {nonlinearity!r}")
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    gi = int8_linear(input, w_ih_q, w_ih_scale, b_ih, weight_only)
+
+    def step(t, states):
+        return [act(gi[t] + int8_linear(states[0], w_hh_q, w_hh_scale, b_hh, weight_only))]
+
+    out, (hn,) = _run(step, input, [h0], lengths, reverse)
+    return out, hn

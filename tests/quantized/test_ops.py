@@ -1,0 +1,229 @@
+"""The int8 ops against their references, every int8 kernel variant this CPU runs, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastnn.testing as testing
+from fastnn.ops import quantized as qops
+from fastnn.reference import quantized as ref
+
+from .helpers import GATES, lstm_args, needs_cpu_kernels, run_seq, weights
+
+VARIANTS = ("default", "avx2", "avx512_vnni")
+
+
+@pytest.fixture(params=["reference", "cpu"])
+def backend(request):
+    if request.param == "cpu":
+        needs_cpu_kernels()
+    return request.param
+
+
+@pytest.fixture
+def variant(request):
+    """Forces one int8 kernel variant for the test, restoring the previous one after."""
+    needs_cpu_kernels()
+    name = request.param
+    if name not in qops.isas():
+        pytest.skip(f"this CPU cannot run the {name} int8 kernels (it runs {qops.isas()}); "
+                    "they are compiled in and chosen only on a CPU that has the instructions")
+    before = qops.set_isa(name)
+    yield name
+    qops.set_isa(before)
+
+
+def exact_case(M, K, N, gen):
+    """Activations whose rows quantize to themselves (integers with max |x| = 127, so scale 1) and
+    weights that use the whole int8 range, -128 included, with w_scale 1: the op's output is then
+    the exact integer product, which a 16-bit-saturating kernel would get wrong."""
+    x = torch.randint(-127, 128, (M, K), generator=gen).float()
+    x[:, 0] = 127.0
+    x[::2, 1:8] = -127.0
+    w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
+    w[:, 1:8] = -128
+    exact = (x.double() @ w.double().t()).float()
+    return x, w, torch.ones(N), exact
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("M,K,N", [(1, 64, 4), (3, 100, 7), (5, 1, 3), (2, 257, 9), (4, 31, 1)])
+def test_int8_product_is_exact_with_extreme_values(variant, M, K, N):
+    gen = torch.Generator().manual_seed(M * 1000 + K)
+    x, w, s, exact = exact_case(M, K, N, gen)
+    got = qops.int8_linear.call("cpu", x, w, s, None, False)
+    assert torch.equal(got, exact)
+    assert torch.equal(qops.int8_linear.call("reference", x, w, s, None, False), exact)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("weight_only", [False, True])
+@pytest.mark.parametrize("shape,N", [((6, 48), 33), ((2, 3, 70), 8), ((1, 256), 1024), ((0, 5), 4), ((3, 0), 2)])
+def test_linear_matches_reference(variant, weight_only, shape, N):
+    x = torch.randn(*shape)
+    w, s = weights(N, shape[-1])
+    b = torch.randn(N)
+    got = qops.int8_linear.call("cpu", x, w, s, b, weight_only)
+    want = ref.int8_linear(x, w, s, b, weight_only)
+    assert got.shape == want.shape == (*shape[:-1], N)
+    # int32 sums are exact; only fp32 rounding (the scale/bias epilogue, fp32 sums in weight-only) differs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+def test_variants_agree_bit_for_bit(variant):
+    # Every variant computes the same int32 sums and runs the same epilogue: identical outputs.
+    x = torch.randn(9, 131)
+    w, s = weights(37, 131)
+    got = qops.int8_linear.call("cpu", x, w, s, None, False)
+    before = qops.set_isa("default")
+    try:
+        want = qops.int8_linear.call("cpu", x, w, s, None, False)
+    finally:
+        qops.set_isa(before)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True)
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("weight_only", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequences_match_reference(variant, kind, weight_only, reverse):
+    gates = GATES[kind]
+    x, h0, c0, w = lstm_args(7, 3, 37, 20, gates)
+    lengths = torch.tensor([7, 3, 5])
+    for lens in (None, lengths):
+        got = run_seq(kind, "cpu", x, h0, c0, w, lens, reverse, weight_only)
+        want = run_seq(kind, "reference", x, h0, c0, w, lens, reverse, weight_only)
+        # The kernels' exp/tanh differ from torch's by an ulp or two; a state value on a rounding
+        # tie of the per-step int8 quantization can then move one step (|h| <= 1, so at most
+        # 1/127 of one input of the recurrent product), hence the 2e-3 bound.
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=0, atol=2e-3)
+        if lens is not None:
+            assert torch.all(got[0][3:, 1] == 0) and torch.all(got[0][5:, 2] == 0)
+
+
+def test_sequence_lengths_keep_state_past_the_end():
+    needs_cpu_kernels()
+    x, h0, c0, w = lstm_args(6, 2, 5, 4)
+    out, h, c = run_seq("lstm", "cpu", x, h0, c0, w, torch.tensor([6, 2]))
+    out2, h2, c2 = run_seq("lstm", "cpu", x[:2, 1:], h0[1:], c0[1:], w)
+    torch.testing.assert_close(h[1:], h2)
+    torch.testing.assert_close(c[1:], c2)
+    torch.testing.assert_close(out[:2, 1:], out2)
+
+
+def test_nan_row_does_not_poison_other_rows(backend):
+    x = torch.randn(4, 40)
+    w, s = weights(6, 40)
+    clean = qops.int8_linear.call(backend, x, w, s, None, False)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    got = qops.int8_linear.call(backend, x, w, s, None, False)
+    assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
+    assert torch.equal(got[[0, 3]], clean[[0, 3]])
+    xs, h0, c0, wl = lstm_args(5, 3, 8, 6)
+    clean = run_seq("lstm", backend, xs, h0, c0, wl)
+    xs[2, 1, 0] = float("nan")
+    got = run_seq("lstm", backend, xs, h0, c0, wl)
+    assert torch.isnan(got[0][2:, 1]).all() and torch.isnan(got[1][1]).all()
+    for g, c in zip(got, clean):
+        assert torch.equal(g[..., [0, 2], :], c[..., [0, 2], :])
+
+
+def test_empty_sequences_and_batches():
+    needs_cpu_kernels()
+    for T, B in ((0, 3), (4, 0)):
+        x, h0, c0, w = lstm_args(T, B, 5, 4)
+        for backend in ("reference", "cpu"):
+            out, h, c = run_seq("lstm", backend, x, h0, c0, w)
+            assert out.shape == (T, B, 4)
+            assert torch.equal(h, h0) and torch.equal(c, c0)
+
+
+def test_isa_forced_by_environment():
+    needs_cpu_kernels()
+    code = "import torch, fastnn.ops.quantized as q; x = torch.randn(2, 8); w, s = q.quantize_weight(torch.randn(3, 8)); " \
+           "q.int8_linear(x, w, s); print(q.isa())"
+    r = testing.run_isolated(code, env={"FASTNN_CPU_ISA": "default"})
+    assert r.returncode == 0 and r.stdout.strip() == "default", r.stderr
+    r = testing.run_isolated(code, env={"FASTNN_CPU_ISA": "sse9"})
+    assert r.returncode == 1 and "FASTNN_CPU_ISA" in r.stderr and "'sse9'" in r.stderr, r.stderr
+
+
+def test_set_isa_refuses_unknown_variant():
+    needs_cpu_kernels()
+    with pytest.raises(ValueError, match="'nope'"):
+        qops.set_isa("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: the same clear error from every backend; the compiled op checks what memory safety needs.
+
+def test_bad_input(backend):
+    x = torch.randn(3, 8)
+    w, s = weights(5, 8)
+    call = qops.int8_linear.call
+    with pytest.raises(ValueError, match="'int8_linear: w_q'.*int8"):
+        call(backend, x, w.float(), s, None, False)
+    with pytest.raises(ValueError, match="'int8_linear: w_q'.*shape \\[5, 9\\]"):
+        call(backend, torch.randn(3, 9), w, s, None, False)
+    with pytest.raises(ValueError, match="'int8_linear: input'.*float32"):
+        call(backend, x.double(), w, s, None, False)
+    with pytest.raises(ValueError, match="'int8_linear: bias'"):
+        call(backend, x, w, s, torch.randn(4), False)
+    with pytest.raises(NotImplementedError, match="no GPU path"):
+        call(backend, x.to("meta"), w, s, None, False)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        call(backend, x.requires_grad_(), w, s, None, False)
+    with torch.no_grad():
+        call(backend, x, w, s, None, False)
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3)
+    with pytest.raises(ValueError, match="'int8_lstm_seq: lengths'"):
+        run_seq("lstm", backend, xs, h0, c0, wl, torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="'int8_lstm_seq: c0'"):
+        run_seq("lstm", backend, xs, h0, c0[:1], wl)
+    with pytest.raises(ValueError, match="'int8_gru_seq: w_hh_q'"):
+        run_seq("gru", backend, xs, h0, c0, wl)  # LSTM weights (4H rows) given to the GRU
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=1)
+    with pytest.raises(ValueError, match="'int8_rnn_seq: nonlinearity'"):
+        run_seq("rnn_sigmoid", backend, xs, h0, c0, wl)
+
+
+def test_compiled_ops_check_what_memory_safety_needs():
+    needs_cpu_kernels()
+    x = torch.randn(3, 8)
+    w, s = weights(5, 8)
+    with pytest.raises(ValueError, match="w_q"):
+        torch.ops.fastnn.int8_linear(torch.randn(3, 9), w, s, None, False)
+    with pytest.raises(ValueError, match="w_scale"):
+        torch.ops.fastnn.int8_linear(x, w, s[:2], None, False)
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3)
+    with pytest.raises(ValueError, match="lengths"):
+        torch.ops.fastnn.int8_lstm_seq(xs, h0, c0, *wl, torch.tensor([1, 2, 3]), False, False)
+    with pytest.raises(ValueError, match="h0"):
+        torch.ops.fastnn.int8_lstm_seq(xs, h0[:, :2], c0, *wl, None, False, False)
+
+
+def test_opcheck():
+    needs_cpu_kernels()
+    x = torch.randn(3, 8)
+    w, s = weights(5, 8)
+    testing.opcheck(torch.ops.fastnn.int8_linear.default, (x, w, s, torch.randn(5), False))
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3)
+    testing.opcheck(torch.ops.fastnn.int8_lstm_seq.default, (xs, h0, c0, *wl, torch.tensor([4, 2]), True, False))
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=3)
+    testing.opcheck(torch.ops.fastnn.int8_gru_seq.default, (xs, h0, *wl, None, False, True))
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=1)
+    testing.opcheck(torch.ops.fastnn.int8_rnn_seq.default, (xs, h0, *wl, None, False, False, "relu"))
+
+
+def test_quantize_weight():
+    w = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [3.0, 1.5, -3.0]])
+    q, s = ref.quantize_weight(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert q[0].tolist() == [64, -127, 32] and q[1].tolist() == [0, 0, 0] and q[2].tolist() == [127, 64, -127]
+    np.testing.assert_allclose(s.numpy(), [1 / 127, 1.0, 3 / 127], rtol=1e-7)
+    with pytest.raises(ValueError, match="finite"):
+        ref.quantize_weight(torch.tensor([[float("nan")]]))
