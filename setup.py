@@ -47,8 +47,9 @@ def _find_cuda_home():
 def _cpu_isa_flags():
     """Vector ISA for the CPU kernels (at::vec). The extension is built on the machine that runs it
     (pip install --no-build-isolation -e .), so ``auto`` uses AVX2+FMA when this CPU has them.
-    FASTNN_CPU_ISA=default builds portable code."""
-    isa = _flag("FASTNN_CPU_ISA", "auto")
+    FASTNN_BUILD_ISA=default builds portable code. (The int8 kernels are compiled for every ISA and
+    chosen at run time: FASTNN_CPU_ISA.)"""
+    isa = _flag("FASTNN_BUILD_ISA", "auto")
     if isa == "auto":
         flags = set()
         try:
@@ -63,7 +64,7 @@ def _cpu_isa_flags():
     if isa == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if isa != "default":
-        sys.exit(f"fastnn: FASTNN_CPU_ISA must be auto, avx2 or default, got {isa!r}")
+        sys.exit(f"fastnn: FASTNN_BUILD_ISA must be auto, avx2 or default, got {isa!r}")
     return []
 
 

@@ -1,20 +1,23 @@
 """fastnn: fused Triton and CUDA kernels behind drop-in torch.nn / torch.optim replacements.
 
-Families: optimizers (``fastnn.optim``), recurrent layers (``fastnn.LSTM`` ...) and Mixture of
-Experts (``fastnn.MoE``, ``fastnn.distributed.ExpertParallelMoE``). Ops live in ``fastnn.ops``
+Families: optimizers (``fastnn.optim``), recurrent layers (``fastnn.LSTM`` ...), Mixture of
+Experts (``fastnn.MoE``, ``fastnn.distributed.ExpertParallelMoE``) and int8 inference
+(``fastnn.quantize_dynamic``, ``fastnn.quantized``). Ops live in ``fastnn.ops``
 (each choosing its backend per call, see ``fastnn.backends``); their pure-PyTorch references in
 ``fastnn.reference``. ``fastnn.build_info()`` says what the compiled library provides here.
 """
 
-from . import backends, ops, optim
+from . import backends, ops, optim, quantized
 from ._extension import info as build_info
 from .convert import convert, revert
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, MoE, RNNCell
+from .quantized import dequantize, quantize_dynamic
 
 __version__ = "0.1.0"
 
 __all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "__version__", "distributed",
-           "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MoE"]
+           "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MoE", "quantized", "quantize_dynamic",
+           "dequantize"]
 
 
 def __getattr__(name: str):

@@ -142,5 +142,16 @@ def info() -> dict:
         "extension": available(),
         "extension_error": error(),
         "cuda_kernels": built_with_cuda(),
+        "int8_cpu_isa": _int8_isa(),
         "torch": torch.__version__,
     }
+
+
+def _int8_isa() -> str | None:
+    """The instruction set the int8 CPU kernels run with (chosen at run time), or None."""
+    if not available():
+        return None
+    try:
+        return torch.ops.fastnn.quantized_isa()
+    except (AttributeError, RuntimeError):
+        return None
