@@ -28,7 +28,7 @@ import torch
 
 from . import _extension
 
-__all__ = ["BACKENDS", "BackendError", "Op", "Args", "force", "forced", "triton_available", "device_of"]
+__all__ = ["BACKENDS", "BackendError", "Op", "Args", "force", "forced", "triton_available", "on_triton", "device_of"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -92,6 +92,21 @@ def force(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
 
 # Plain module state rather than lru_cache, and constant for torch.compile (see _extension).
 _TRITON: dict[str, bool] = {}
+_ON_TRITON: list[Callable[[], None]] = []
+
+
+def on_triton(fn: Callable[[], None]) -> Callable[[], None]:
+    """Call ``fn()`` once Triton is found importable (now, if it already was).
+
+    Families register their ``torch.library.triton_op``s here: registering one imports Triton, which
+    ``import fastnn`` does not pay for, and without Triton (torch's CPU wheels) nothing is registered
+    and nothing is logged. Every Triton backend asks :func:`triton_available` before it runs.
+    """
+    if _TRITON.get("available"):
+        fn()
+    else:
+        _ON_TRITON.append(fn)
+    return fn
 
 
 @_extension.assume_constant
@@ -104,6 +119,10 @@ def triton_available() -> bool:
             _TRITON["available"] = True
         except Exception:  # any import failure means "not usable here"
             _TRITON["available"] = False
+        if _TRITON["available"]:
+            for fn in _ON_TRITON:
+                fn()
+        _ON_TRITON.clear()
     return _TRITON["available"]
 
 

@@ -7,8 +7,9 @@ import pytest
 
 from fastnn.testing import run_isolated
 
-# Imported on first use only: torch.compile's machinery (over a second), Triton (its compiler and
-# driver), torch.distributed, the compiled library and Hugging Face transformers.
+# Imported on first use only (unless `import torch` itself already did): torch.compile's machinery
+# (over a second), Triton (its compiler and driver), torch.distributed, the compiled library and
+# Hugging Face transformers.
 LAZY = ("torch._dynamo", "triton", "torch.distributed", "fastnn._C", "transformers", "fastnn.distributed")
 
 PROBE = """
@@ -18,10 +19,11 @@ if %r:
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
+by_torch = set(sys.modules)
 import fastnn
 t2 = time.perf_counter()
 print(json.dumps({"torch": t1 - t0, "fastnn": t2 - t1,
-                  "loaded": [m for m in %r if m in sys.modules]}))
+                  "loaded": [m for m in %r if m in sys.modules and m not in by_torch]}))
 """
 
 

@@ -37,7 +37,7 @@ import torch
 
 from .. import _extension
 from .._checks import FLOAT_DTYPES, INDEX_DTYPES, check_like, check_tensor, dtype_names, fail
-from ..backends import Op
+from ..backends import Op, on_triton
 from ..reference import rnn as ref
 
 __all__ = ["lstm_seq", "gru_seq", "rnn_seq", "lstm_cell", "gru_cell", "FLOAT_DTYPES", "validate"]
@@ -349,4 +349,4 @@ def _register_triton() -> None:
         return torch.ops.fastnn.triton_gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
 
 
-_register_triton()
+on_triton(_register_triton)

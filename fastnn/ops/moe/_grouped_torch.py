@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from ..._extension import assume_constant
+
 Tensor = torch.Tensor
 
 
@@ -28,7 +30,7 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant
 def _arch_supported(device_index: int) -> bool:
     major, _ = torch.cuda.get_device_capability(device_index)
     return major == 9 or (major == 10 and _torch_version() >= (2, 9))

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ... import _extension
+from ...backends import on_triton
 from ...reference import moe as ref
 from . import _grouped_torch
 
@@ -233,4 +234,4 @@ def _register_triton() -> None:
     STATE["triton"] = True
 
 
-_register_triton()
+on_triton(_register_triton)
