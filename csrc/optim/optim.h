@@ -25,6 +25,11 @@ struct Group {
   bool nesterov = false;
 };
 
+// A Group from its fields by name (the pybind constructor of fastnn._C.OptimGroup, and the ops).
+Group make_group(double lr, const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                 double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                 double momentum, double dampening, bool nesterov);
+
 // One parameter and its state. Unused slots stay undefined.
 struct Slot {
   at::Tensor param, grad;

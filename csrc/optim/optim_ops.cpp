@@ -183,6 +183,15 @@ void validate_scaling(const Scaling& scaling, const at::Device& device) {
   check_scalar(scaling.clip_coef, "clip_coef", device);
 }
 
+Group make_group(double lr, const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                 double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                 double momentum, double dampening, bool nesterov) {
+  return Group{.lr = lr, .lr_tensor = lr_tensor.value_or(at::Tensor()), .beta1 = beta1, .beta2 = beta2,
+               .eps = eps, .weight_decay = weight_decay, .amsgrad = amsgrad, .maximize = maximize,
+               .decoupled = decoupled, .momentum = momentum, .dampening = dampening,
+               .nesterov = nesterov};
+}
+
 std::vector<Slot> adam_slots(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                              at::TensorList steps, bool amsgrad) {
@@ -238,35 +247,6 @@ std::vector<Slot> sgd_slots(at::TensorList params, at::TensorList grads,
 
 namespace {
 
-Group adam_group(double lr, double beta1, double beta2, double eps, double weight_decay,
-                 bool amsgrad, bool maximize, bool decoupled,
-                 const c10::optional<at::Tensor>& lr_tensor) {
-  Group g;
-  g.lr = lr;
-  g.lr_tensor = lr_tensor.value_or(at::Tensor());
-  g.beta1 = beta1;
-  g.beta2 = beta2;
-  g.eps = eps;
-  g.weight_decay = weight_decay;
-  g.amsgrad = amsgrad;
-  g.maximize = maximize;
-  g.decoupled = decoupled;
-  return g;
-}
-
-Group sgd_group(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                bool maximize, const c10::optional<at::Tensor>& lr_tensor) {
-  Group g;
-  g.lr = lr;
-  g.lr_tensor = lr_tensor.value_or(at::Tensor());
-  g.momentum = momentum;
-  g.dampening = dampening;
-  g.weight_decay = weight_decay;
-  g.nesterov = nesterov;
-  g.maximize = maximize;
-  return g;
-}
-
 Scaling scaling_of(const c10::optional<at::Tensor>& grad_scale,
                    const c10::optional<at::Tensor>& found_inf,
                    const c10::optional<at::Tensor>& clip_coef) {
@@ -300,8 +280,8 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
                   const c10::optional<at::Tensor>& found_inf,
                   const c10::optional<at::Tensor>& clip_coef) {
   auto slots = adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
-  std::vector<Group> groups{
-      adam_group(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor)};
+  std::vector<Group> groups{make_group(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                        decoupled, 0.0, 0.0, false)};
   Scaling scaling = scaling_of(grad_scale, found_inf, clip_coef);
   validate(Kind::Adam, slots, groups, scaling);
   run(Kind::Adam, slots, groups, scaling);
@@ -315,8 +295,8 @@ void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList mom
                  const c10::optional<at::Tensor>& found_inf,
                  const c10::optional<at::Tensor>& clip_coef) {
   auto slots = sgd_slots(params, grads, momentum_buffers, momentum, is_first_step);
-  std::vector<Group> groups{
-      sgd_group(lr, momentum, dampening, weight_decay, nesterov, maximize, lr_tensor)};
+  std::vector<Group> groups{make_group(lr, lr_tensor, 0.9, 0.999, 1e-8, weight_decay, false, maximize, false,
+                                        momentum, dampening, nesterov)};
   Scaling scaling = scaling_of(grad_scale, found_inf, clip_coef);
   validate(Kind::Sgd, slots, groups, scaling);
   run(Kind::Sgd, slots, groups, scaling);

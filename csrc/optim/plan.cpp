@@ -210,24 +210,7 @@ void bind_optim(pybind11::module_& m) {
   using optim::Group;
   using optim::StepPlan;
   py::class_<Group>(m, "OptimGroup", "The settings of one parameter group, as the step kernels read them.")
-      .def(py::init([](double lr, c10::optional<at::Tensor> lr_tensor, double beta1, double beta2, double eps,
-                       double weight_decay, bool amsgrad, bool maximize, bool decoupled, double momentum,
-                       double dampening, bool nesterov) {
-             Group g;
-             g.lr = lr;
-             g.lr_tensor = lr_tensor.value_or(at::Tensor());
-             g.beta1 = beta1;
-             g.beta2 = beta2;
-             g.eps = eps;
-             g.weight_decay = weight_decay;
-             g.amsgrad = amsgrad;
-             g.maximize = maximize;
-             g.decoupled = decoupled;
-             g.momentum = momentum;
-             g.dampening = dampening;
-             g.nesterov = nesterov;
-             return g;
-           }),
+      .def(py::init(&optim::make_group),
            py::kw_only(), py::arg("lr"), py::arg("lr_tensor") = py::none(), py::arg("beta1") = 0.9,
            py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0,
            py::arg("amsgrad") = false, py::arg("maximize") = false, py::arg("decoupled") = false,

@@ -303,39 +303,24 @@ sgd_step_ = Op("sgd_step", signature=ref.sgd_step_, validate=validate_sgd, devic
 grad_norm_clip_coef = Op("grad_norm_clip_coef", signature=ref.grad_norm_clip_coef, validate=validate_grad_norm,
                          device=lambda a: a.grads[0].device if len(a.grads) else torch.device("cpu"))
 
-adam_step_.register("reference")(ref.adam_step_)
-sgd_step_.register("reference")(ref.sgd_step_)
-grad_norm_clip_coef.register("reference")(ref.grad_norm_clip_coef)
 
 
-@adam_step_.register("cpu", native="adam_step_")
-@adam_step_.register("cuda", native="adam_step_")
-def _adam_native(**a):
-    return torch.ops.fastnn.adam_step_(**a)
+def _register(op: Op, reference, native: str, triton: str, tensors: str) -> None:
+    """The reference, the compiled op ``fastnn::<native>`` (cpu and cuda) and the Triton op
+    ``fastnn::<triton>`` (for the dtypes its kernels cover in the argument ``tensors``)."""
+    op.register("reference")(reference)
+
+    def run_native(**a):
+        return getattr(torch.ops.fastnn, native)(**a)
+
+    def run_triton(**a):
+        return getattr(torch.ops.fastnn, triton)(**a)
+
+    op.register("cpu", native=native)(run_native)
+    op.register("cuda", native=native)(run_native)
+    op.register("triton", supports=lambda a: _triton_dtypes(a[tensors]))(run_triton)
 
 
-@adam_step_.register("triton", supports=lambda a: _triton_dtypes(a.params))
-def _adam_triton(**a):
-    return torch.ops.fastnn.triton_adam_step_(**a)
-
-
-@sgd_step_.register("cpu", native="sgd_step_")
-@sgd_step_.register("cuda", native="sgd_step_")
-def _sgd_native(**a):
-    return torch.ops.fastnn.sgd_step_(**a)
-
-
-@sgd_step_.register("triton", supports=lambda a: _triton_dtypes(a.params))
-def _sgd_triton(**a):
-    return torch.ops.fastnn.triton_sgd_step_(**a)
-
-
-@grad_norm_clip_coef.register("cpu", native="grad_norm_clip_coef")
-@grad_norm_clip_coef.register("cuda", native="grad_norm_clip_coef")
-def _norm_native(**a):
-    return torch.ops.fastnn.grad_norm_clip_coef(**a)
-
-
-@grad_norm_clip_coef.register("triton", supports=lambda a: _triton_dtypes(a.grads))
-def _norm_triton(**a):
-    return torch.ops.fastnn.triton_grad_norm_clip_coef(**a)
+_register(adam_step_, ref.adam_step_, "adam_step_", "triton_adam_step_", "params")
+_register(sgd_step_, ref.sgd_step_, "sgd_step_", "triton_sgd_step_", "params")
+_register(grad_norm_clip_coef, ref.grad_norm_clip_coef, "grad_norm_clip_coef", "triton_grad_norm_clip_coef", "grads")

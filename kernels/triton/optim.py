@@ -121,7 +121,8 @@ def _adam_chunks(table, numels, chunk_tensor, chunk_start,
                     p = p * (1.0 - lr_v * weight_decay)
                 else:
                     g = g + weight_decay * p
-            m = m + (1.0 - beta1) * (g - m)
+            w = 1.0 - beta1  # torch's exp_avg.lerp_(grad, w), in lerp's two forms (csrc/optim/math.h)
+            m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
             v = v * beta2 + (1.0 - beta2) * g * g
             if AMSGRAD:
                 x = _nan_max(tl.load(x_ptr + offs, mask=mask).to(tl.float32), v)

@@ -112,17 +112,20 @@ def _clone(lists):
     return [[_copy(t) for t in lst] for lst in lists]
 
 
-@given(adam_case())
-def test_adam_step_every_backend_matches_reference(case):
-    lists, kw = case
+def _every_backend_matches_reference(op, reference, lists, kw):
     expected = _clone(lists)
-    ref.adam_step_(*expected, **kw)
-    for backend in _backends(fastnn.ops.adam_step_, *lists, **kw):
+    reference(*expected, **kw)
+    for backend in _backends(op, *lists, **kw):
         got = _clone(lists)
-        fastnn.ops.adam_step_.call(backend, *got, **kw)
+        op.call(backend, *got, **kw)
         for lst_g, lst_e in zip(got, expected):
             for g, e in zip(lst_g, lst_e):
                 _close(g, e)
+
+
+@given(adam_case())
+def test_adam_step_every_backend_matches_reference(case):
+    _every_backend_matches_reference(fastnn.ops.adam_step_, ref.adam_step_, *case)
 
 
 @st.composite
@@ -146,15 +149,7 @@ def sgd_case(draw):
 
 @given(sgd_case())
 def test_sgd_step_every_backend_matches_reference(case):
-    lists, kw = case
-    expected = _clone(lists)
-    ref.sgd_step_(*expected, **kw)
-    for backend in _backends(fastnn.ops.sgd_step_, *lists, **kw):
-        got = _clone(lists)
-        fastnn.ops.sgd_step_.call(backend, *got, **kw)
-        for lst_g, lst_e in zip(got, expected):
-            for g, e in zip(lst_g, lst_e):
-                _close(g, e)
+    _every_backend_matches_reference(fastnn.ops.sgd_step_, ref.sgd_step_, *case)
 
 
 @given(st.data())

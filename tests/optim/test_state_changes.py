@@ -48,6 +48,16 @@ def _run(cls, opts, script, steps, backend=None):
     return opt
 
 
+def _after_one_step(cls, opts, backend):
+    """Parameters and an optimizer that has taken one step on ``backend``."""
+    params = _params()
+    opt = cls(params, **opts)
+    _grads(params, 0)
+    with backends.force(backend):
+        opt.step()
+    return params, opt
+
+
 def _same(cls, opts, script, backend, steps=6):
     ref = _run(TORCH[cls], opts, script, steps)
     got = _run(cls, opts, script, steps, backend)
@@ -157,11 +167,7 @@ def test_parameter_data_resized_raises_before_any_change(backend, device_for, cl
     """p.data = a tensor of another size: torch raises a size mismatch; so does fastnn, on every
     backend, before anything changes (it used to overflow the heap, or use wrong-size state)."""
     _backend_or_skip(backend, device_for)
-    params = _params()
-    opt = cls(params, **opts)
-    _grads(params, 0)
-    with backends.force(backend):
-        opt.step()
+    params, opt = _after_one_step(cls, opts, backend)
     params[1].data = torch.randn(size)
     params[1].grad = torch.randn(size)
     before = [p.detach().clone() for p in params]
@@ -189,11 +195,7 @@ def test_expanded_gradient_under_grad_scale_raises_before_any_change(backend, de
     """With a grad_scale the step writes the unscaled gradient back, which an expanded gradient
     cannot hold: the error comes before the parameters, moments or step counters change."""
     _backend_or_skip(backend, device_for)
-    params = _params()
-    opt = cls(params, **opts)
-    _grads(params, 0)
-    with backends.force(backend):
-        opt.step()
+    params, opt = _after_one_step(cls, opts, backend)
     _grads(params, 1)
     params[2].grad = torch.randn(1, 2).expand(2, 2)
     opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
