@@ -316,8 +316,11 @@ def _register(op: Op, reference, native: str, triton: str, tensors: str) -> None
     def run_triton(**a):
         return getattr(torch.ops.fastnn, triton)(**a)
 
-    op.register("cpu", native=native)(run_native)
-    op.register("cuda", native=native)(run_native)
+    def has_tensors(a: Args) -> str | None:  # the dispatcher finds the kernel from a tensor
+        return None if len(a[tensors]) else f"argument '{tensors}' is empty: no device to dispatch on"
+
+    op.register("cpu", native=native, supports=has_tensors)(run_native)
+    op.register("cuda", native=native, supports=has_tensors)(run_native)
     op.register("triton", supports=lambda a: _triton_dtypes(a[tensors]))(run_triton)
 
 

@@ -84,7 +84,8 @@ def _nan_max(a, b):
 @triton.jit
 def _adam_chunks(table, numels, chunk_tensor, chunk_start,
                  lr_ptr, grad_scale_ptr, found_inf_ptr, clip_ptr,
-                 lr, beta1, beta2, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps, weight_decay,
+                 lr, beta2, one_minus_beta1, one_minus_beta2, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps,
+                 weight_decay,
                  DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
                  HAS_LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  HAS_CLIP: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr):
@@ -121,9 +122,9 @@ def _adam_chunks(table, numels, chunk_tensor, chunk_start,
                     p = p * (1.0 - lr_v * weight_decay)
                 else:
                     g = g + weight_decay * p
-            w = 1.0 - beta1  # torch's exp_avg.lerp_(grad, w), in lerp's two forms (csrc/optim/math.h)
+            w = one_minus_beta1  # torch's exp_avg.lerp_(grad, w), in lerp's two forms (csrc/optim/math.h)
             m = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
-            v = v * beta2 + (1.0 - beta2) * g * g
+            v = v * beta2 + one_minus_beta2 * g * g
             if AMSGRAD:
                 x = _nan_max(tl.load(x_ptr + offs, mask=mask).to(tl.float32), v)
                 tl.store(x_ptr + offs, x.to(DTYPE), mask=mask)
@@ -290,7 +291,10 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
             rows = [[params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
                      steps[i]] for i in idx]
             table, numels, ct, cs, n_chunks = _tables(("adam", dtype), rows, device)
-            _adam_chunks[(n_chunks,)](table, numels, ct, cs, *ptrs, float(lr), float(beta1), float(beta2), *b1, *b2,
+            # 1 - beta in float64 on the host, as torch.optim computes it (in float32 it is off by
+            # up to 1% for beta2 = 0.999999)
+            _adam_chunks[(n_chunks,)](table, numels, ct, cs, *ptrs, float(lr), float(beta2), 1.0 - float(beta1),
+                                      1.0 - float(beta2), *b1, *b2,
                                       float(eps), float(weight_decay), DTYPE=_TL_DTYPE[dtype], AMSGRAD=bool(amsgrad),
                                       MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled),
                                       **_flags(lr_tensor, grad_scale, found_inf, clip_coef))

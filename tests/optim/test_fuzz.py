@@ -197,11 +197,12 @@ BAD_PROBES = textwrap.dedent("""
         (lists(), dict(beta1=1.5)),
     ]
     for args, over in probes:
+        kwargs = dict(kw, **over)
         for backend in ("reference", "cpu", "triton"):
-            if op.reason(backend, *args, **kw, **over) is not None:
+            if op.reason(backend, *args, **kwargs) is not None:
                 continue
             try:
-                op.call(backend, *args, **kw, **over)
+                op.call(backend, *args, **kwargs)
             except (ValueError, TypeError, IndexError, RuntimeError) as e:
                 assert "fastnn" in str(e), (backend, over, str(e))
             else:

@@ -89,6 +89,38 @@ def test_adam_step_scaling_inputs(backend, device_for, scaling):
         testing.assert_close(args[1][2], before[1][2] / 1024.0)
 
 
+def test_adam_precision_of_betas_near_one(backend, device_for):
+    """beta2 = 0.999999 at large and small steps: 1 - beta2 and the bias corrections are computed in
+    float64 as torch does (in float32 they were 1% off on Triton and CUDA)."""
+    args = _adam_args(torch.float32, device_for, amsgrad=False, shapes=[(33,), (7,)])
+    args[5] = [torch.tensor(0.0, device=device_for), torch.tensor(250_000.0, device=device_for)]
+    kw = dict(lr=1e-2, beta1=0.999999, beta2=0.999999, eps=1e-12, weight_decay=0.0, amsgrad=False,
+              maximize=False, decoupled=False)
+    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
+    expected = _clone(args)
+    with backends.force(backend):
+        ops.adam_step_(*args, **kw)
+    ref.adam_step_(*expected, **kw)
+    _compare(args, expected, torch.float32)
+
+
+def test_amsgrad_max_propagates_nan(backend, device_for):
+    """A NaN in the running max stays NaN, and a NaN second moment becomes the max, as
+    torch.maximum does (Triton's tl.maximum used to drop it)."""
+    args = _adam_args(torch.float32, device_for, amsgrad=True, shapes=[(6,)])
+    args[4][0][1] = float("nan")  # max_exp_avg_sq
+    args[3][0][4] = float("nan")  # exp_avg_sq
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True, maximize=False,
+              decoupled=False)
+    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
+    expected = _clone(args)
+    with backends.force(backend):
+        ops.adam_step_(*args, **kw)
+    ref.adam_step_(*expected, **kw)
+    assert args[4][0].isnan().tolist() == expected[4][0].isnan().tolist() == [False, True, False, False, True, False]
+    _compare(args, expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("variant", ["plain", "momentum", "nesterov", "dampening-maximize"])

@@ -31,7 +31,10 @@ constexpr uint32_t kAmsgrad = 1, kMaximize = 2, kDecoupled = 4, kNesterov = 8;
 
 struct GroupArgs {
   const float* lr_ptr;  // device lr (tensor lr), or null: use lr
-  float lr, beta1, beta2, eps, weight_decay, momentum, dampening;
+  // The betas in double: 1 - beta and the bias corrections are computed from them in double, as
+  // torch.optim does (from a float beta2 = 0.999999, 1 - beta2 would be 1% off).
+  double beta1, beta2;
+  float lr, eps, weight_decay, momentum, dampening;
   uint32_t flags;
 };
 
@@ -79,13 +82,13 @@ __device__ void adam_chunk(const TensorMeta& m, const GroupArgs& g, GradPrep pre
   using opmath_t = at::opmath_type<scalar_t>;
   const double step = (double)*reinterpret_cast<const float*>(m.step);
   const double lr = g.lr_ptr ? (double)*g.lr_ptr : (double)g.lr;
-  const double bc1 = 1.0 - ::pow((double)g.beta1, step);
-  const double bc2 = 1.0 - ::pow((double)g.beta2, step);
+  const double bc1 = 1.0 - ::pow(g.beta1, step);
+  const double bc2 = 1.0 - ::pow(g.beta2, step);
   const AdamCoeffs<opmath_t> c{(opmath_t)lr,
                                (opmath_t)g.beta1,
                                (opmath_t)g.beta2,
-                               (opmath_t)(1.0 - (double)g.beta1),
-                               (opmath_t)(1.0 - (double)g.beta2),
+                               (opmath_t)(1.0 - g.beta1),
+                               (opmath_t)(1.0 - g.beta2),
                                (opmath_t)g.eps,
                                (opmath_t)g.weight_decay,
                                (opmath_t)(1.0 - lr * (double)g.weight_decay),
@@ -222,8 +225,8 @@ bool make_args(LaunchArgs& args, const std::vector<Group>& groups, int group_bas
     const Scalar lr = scalar_arg(g.lr_tensor, (float)g.lr, keep_alive);
     a.lr_ptr = lr.ptr;
     a.lr = lr.value;
-    a.beta1 = (float)g.beta1;
-    a.beta2 = (float)g.beta2;
+    a.beta1 = g.beta1;
+    a.beta2 = g.beta2;
     a.eps = (float)g.eps;
     a.weight_decay = (float)g.weight_decay;
     a.momentum = (float)g.momentum;
