@@ -263,3 +263,66 @@ def test_opcheck(which):
         testing.backend_or_skip(ops.adam_step_, "triton", *args, **kw)
         testing.opcheck(torch.ops.fastnn.triton_adam_step_.default, tuple(args), kw)
         testing.opcheck(torch.ops.fastnn.triton_sgd_step_.default, sgd, sgd_kw)
+
+
+# -- devices and precision (each also runs on the cuda and GPU triton backends where a GPU is) -------
+
+def test_grad_norm_of_float64_gradients_beyond_float_range(backend, device_for):
+    """float64 gradients are reduced in float64, as torch does: squares of 1e20 overflow float."""
+    grads = [torch.full((3000,), 1e20, dtype=torch.float64, device=device_for),
+             torch.full((5,), -2e20, dtype=torch.float64, device=device_for)]
+    testing.backend_or_skip(ops.grad_norm_clip_coef, backend, grads, 1.0)
+    with backends.force(backend):
+        norm, coef = ops.grad_norm_clip_coef(grads, 1.0)
+    want = torch.cat(grads).norm()
+    assert torch.isfinite(norm) and torch.isclose(norm.double(), want, rtol=1e-6)
+    assert coef.item() == pytest.approx(1.0 / want.item(), rel=1e-5)
+
+
+def test_scalar_inputs_on_the_cpu(backend, device_for):
+    """grad_scale, found_inf, clip_coef and a tensor lr living on the CPU while the parameters are
+    on the device: read or moved as torch's fused optimizers do (Triton took their CPU addresses)."""
+    args = _adam_args(torch.float32, device_for, amsgrad=False, shapes=[(40,), (3, 5)])
+    kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
+              decoupled=True, lr_tensor=torch.tensor(3e-3), grad_scale=torch.tensor(8.0),
+              found_inf=torch.tensor(0.0), clip_coef=torch.tensor(0.5))
+    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
+    expected = _clone(args)
+    with backends.force(backend):
+        ops.adam_step_(*args, **kw)
+    ref.adam_step_(*expected, **kw)
+    _compare(args, expected, torch.float32)
+
+
+def _two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_launch_on_the_tensors_device(backend_name):
+    """Parameters on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (its stream)."""
+    _two_gpus()
+    args = _adam_args(torch.float32, torch.device("cuda:1"), amsgrad=True, shapes=[(70_000,), (33,)])
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
+              decoupled=True, grad_scale=torch.tensor(2.0, device="cuda:1"))
+    testing.backend_or_skip(ops.adam_step_, backend_name, *args, **kw)
+    expected = _clone(args)
+    with torch.cuda.device(0), backends.force(backend_name):
+        ops.adam_step_(*args, **kw)
+        norm, _ = ops.grad_norm_clip_coef(args[1], 1.0)
+    ref.adam_step_(*expected, **kw)
+    torch.cuda.synchronize(1)
+    _compare(args, expected, torch.float32)
+    assert norm.device == torch.device("cuda:1")
+
+
+@pytest.mark.gpu
+def test_lr_tensor_on_another_device_is_rejected_by_the_compiled_op():
+    _two_gpus()
+    args = _adam_args(torch.float32, torch.device("cuda:0"), amsgrad=False, shapes=[(8,)])
+    kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+              decoupled=False, lr_tensor=torch.tensor(1e-3, device="cuda:1"))
+    with pytest.raises(ValueError, match="lr_tensor"):
+        torch.ops.fastnn.adam_step_(*args, **kw)

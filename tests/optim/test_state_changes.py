@@ -13,24 +13,30 @@ from fastnn import backends, testing
 TORCH = {fastnn.optim.Adam: torch.optim.Adam, fastnn.optim.AdamW: torch.optim.AdamW, fastnn.optim.SGD: torch.optim.SGD}
 
 
-def _backend_or_skip(backend, device):
-    if device.type != "cpu":
-        pytest.skip("these scripts run on the CPU (the cpu backend shares the C++ plan with cuda)")
+# The device the current test runs on: CUDA for the cuda backend (and triton with a GPU), where
+# the same scripts check the CUDA plan (hyperparameter switches once dereferenced null there).
+DEVICE = [torch.device("cpu")]
+
+
+def _backend_or_skip(backend, device, *, cuda_ok=False):
+    if device.type != "cpu" and not cuda_ok:
+        pytest.skip("this script runs on the CPU (the cpu backend shares the C++ plan with cuda)")
+    DEVICE[0] = device
     p = torch.zeros(1, device=device)
-    testing.backend_or_skip(fastnn.ops.adam_step_, backend, [p], [p], [p], [p], [], [torch.zeros(())], lr=0.1,
-                            beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+    testing.backend_or_skip(fastnn.ops.adam_step_, backend, [p], [p], [p], [p], [], [torch.zeros((), device=device)],
+                            lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
                             decoupled=False)
 
 
 def _params(seed=0, shapes=((5, 3), (7,), (2, 2))):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE[0])) for s in shapes]
 
 
 def _grads(params, i):
     g = torch.Generator().manual_seed(1000 + i)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
 
 
 def _run(cls, opts, script, steps, backend=None):
@@ -73,7 +79,7 @@ SGD = (fastnn.optim.SGD, dict(lr=0.05, momentum=0.9))
 
 @pytest.mark.parametrize("cls, opts", [ADAM, SGD], ids=["adamw", "sgd"])
 def test_state_cleared(backend, device_for, cls, opts):
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
         if i == 3:
@@ -84,7 +90,7 @@ def test_state_cleared(backend, device_for, cls, opts):
 
 
 def test_state_tensors_replaced(backend, device_for):
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
         if i == 3:
@@ -97,7 +103,7 @@ def test_state_tensors_replaced(backend, device_for):
 
 
 def test_momentum_buffer_replaced(backend, device_for):
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
         if i == 3:
@@ -109,24 +115,24 @@ def test_momentum_buffer_replaced(backend, device_for):
 @pytest.mark.parametrize("cls, opts", [ADAM, SGD], ids=["adamw", "sgd"])
 def test_parameter_replaced_in_its_list(backend, device_for, cls, opts):
     """param_groups[0]['params'][1] = new_p: the same list, the same length; new_p is stepped."""
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
     replacement = {}
 
     def script(i, opt, params):
         if i == 2:
-            new = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+            new = torch.nn.Parameter(torch.linspace(-1, 1, 7, device=DEVICE[0]))
             replacement.setdefault(id(opt), new)
             opt.param_groups[0]["params"][1] = new
             _grads([new], 77)
 
     ref, got = _same(cls, opts, script, backend)
-    assert not torch.equal(got.param_groups[0]["params"][1].detach(), torch.linspace(-1, 1, 7))
+    assert not torch.equal(got.param_groups[0]["params"][1].detach().cpu(), torch.linspace(-1, 1, 7))
 
 
 def test_amsgrad_switched_on(backend, device_for):
     """torch.optim.Adam raises KeyError when amsgrad is switched on after the state was made;
     fastnn starts the max from zero, which is torch with that entry added."""
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
         if i == 3:
@@ -140,7 +146,7 @@ def test_amsgrad_switched_on(backend, device_for):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_momentum_switched_on(backend, device_for, nesterov):
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
         if i == 3:
@@ -152,7 +158,7 @@ def test_momentum_switched_on(backend, device_for, nesterov):
 
 @pytest.mark.parametrize("cls, opts", [ADAM, SGD], ids=["adamw", "sgd"])
 def test_negative_lr_set_after_construction(backend, device_for, cls, opts):
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
         if i == 2:
@@ -182,10 +188,10 @@ def test_parameter_data_resized_raises_before_any_change(backend, device_for, cl
 
 
 def test_expanded_gradient_is_read_like_torch(backend, device_for):
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def script(i, opt, params):
-        params[0].grad = torch.randn(1, 3, generator=torch.Generator().manual_seed(i)).expand(5, 3)
+        params[0].grad = torch.randn(1, 3, generator=torch.Generator().manual_seed(i)).to(DEVICE[0]).expand(5, 3)
 
     _same(*ADAM, script, backend)
 
@@ -248,7 +254,7 @@ def test_sgd_momentum_after_a_skipped_first_step(backend, device_for):
 def test_nan_gradient_with_clipping_makes_everything_nan(backend, device_for, cls, opts):
     """max_grad_norm with a NaN gradient: clip_grad_norm_'s factor is NaN, so every parameter
     becomes NaN, as torch with clip_grad_norm_ before its step (the CPU factor used to be 1)."""
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
     params = _params()
     opt = cls(params, max_grad_norm=1.0, **opts)
     _grads(params, 0)
@@ -261,10 +267,10 @@ def test_nan_gradient_with_clipping_makes_everything_nan(backend, device_for, cl
 
 def test_many_groups_each_with_their_lr(backend, device_for):
     """40 parameter groups (layer-wise lr decay), more than one CUDA launch carries."""
-    _backend_or_skip(backend, device_for)
+    _backend_or_skip(backend, device_for, cuda_ok=True)
 
     def run(cls, be=None):
-        params = [torch.nn.Parameter(torch.full((3,), float(i))) for i in range(40)]
+        params = [torch.nn.Parameter(torch.full((3,), float(i), device=DEVICE[0])) for i in range(40)]
         opt = cls([{"params": [p], "lr": 0.01 * (i + 1)} for i, p in enumerate(params)], lr=0.1)
         for i in range(3):
             _grads(params, i)
