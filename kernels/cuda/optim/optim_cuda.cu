@@ -299,6 +299,9 @@ void step_contiguous(Kind kind, std::vector<Slot>& slots, const std::vector<Grou
 
 void step_cuda(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
                const Scaling& scaling, std::vector<CudaTableCache>* caches) {
+  if (slots.empty()) return;
+  // The dense copies and their copy back run on the parameters' device too.
+  const c10::cuda::OptionalCUDAGuard guard(slots[0].param.device());
   with_contiguous(slots, scaling.grad_scale.defined(), [&](std::vector<Slot>& dense) {
     step_contiguous(kind, dense, groups, scaling, caches);
   });
