@@ -41,6 +41,17 @@ def _compare(actual_lists, expected_lists, dtype):
             testing.assert_close(a, e, dtype=a.dtype if a.dtype != dtype else dtype)
 
 
+def _step_with_reference(backend, op, reference, args, kw):
+    """Runs ``op`` on ``backend`` (skipping when it cannot serve the inputs) and ``reference`` on a
+    copy of ``args``; returns the copy."""
+    testing.backend_or_skip(op, backend, *args, **kw)
+    expected = _clone(args)
+    with backends.force(backend):
+        op(*args, **kw)
+    reference(*expected, **kw)
+    return expected
+
+
 ADAM_OPTIONS = [
     dict(amsgrad=False, maximize=False, decoupled=False, weight_decay=0.0),
     dict(amsgrad=True, maximize=False, decoupled=False, weight_decay=0.1),
@@ -54,11 +65,7 @@ ADAM_OPTIONS = [
 def test_adam_step_matches_reference(backend, device_for, dtype, options):
     args = _adam_args(dtype, device_for, options["amsgrad"])
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, **options)
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     _compare(args, expected, dtype)
 
 
@@ -96,11 +103,7 @@ def test_adam_precision_of_betas_near_one(backend, device_for):
     args[5] = [torch.tensor(0.0, device=device_for), torch.tensor(250_000.0, device=device_for)]
     kw = dict(lr=1e-2, beta1=0.999999, beta2=0.999999, eps=1e-12, weight_decay=0.0, amsgrad=False,
               maximize=False, decoupled=False)
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     _compare(args, expected, torch.float32)
 
 
@@ -112,11 +115,7 @@ def test_amsgrad_max_propagates_nan(backend, device_for):
     args[3][0][4] = float("nan")  # exp_avg_sq
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True, maximize=False,
               decoupled=False)
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     assert args[4][0].isnan().tolist() == expected[4][0].isnan().tolist() == [False, True, False, False, True, False]
     _compare(args, expected, torch.float32)
 
@@ -133,11 +132,7 @@ def test_sgd_step_matches_reference(backend, device_for, dtype, first, variant):
     grads = _tensors(SHAPES, dtype, device_for)
     bufs = _tensors(SHAPES, dtype, device_for) if momentum else []
     args = [params, grads, bufs]
-    testing.backend_or_skip(ops.sgd_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.sgd_step_(*args, **kw)
-    ref.sgd_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.sgd_step_, ref.sgd_step_, args, kw)
     _compare(args, expected, dtype)
 
 
@@ -148,11 +143,7 @@ def test_non_contiguous_tensors(backend, device_for):
     args = [[params], [grads], [ms], [vs], [], [torch.tensor(1.0, device=device_for)]]
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
               decoupled=False)
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     _compare(args, expected, torch.float32)
     assert args[0][0].stride() == (1, 7), "the parameter keeps its layout"
 
@@ -286,11 +277,7 @@ def test_scalar_inputs_on_the_cpu(backend, device_for):
     kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
               decoupled=True, lr_tensor=torch.tensor(3e-3), grad_scale=torch.tensor(8.0),
               found_inf=torch.tensor(0.0), clip_coef=torch.tensor(0.5))
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     _compare(args, expected, torch.float32)
 
 
