@@ -49,8 +49,10 @@ C10_HOST_DEVICE inline void adam_update(T& p, T g, T& m, T& v, T& vmax, const Ad
       g = g + T(c.weight_decay) * p;
     }
   }
-  // torch: exp_avg.lerp_(grad, 1 - beta1), i.e. m + (1 - beta1) * (g - m)
-  m = m + T(c.one_minus_beta1) * (g - m);
+  // torch: exp_avg.lerp_(grad, w = 1 - beta1), in lerp's own two forms (they differ in rounding,
+  // and for an infinite gradient: inf - (inf - m) * 0 is NaN where m + 1 * (inf - m) is inf).
+  const S w = c.one_minus_beta1;
+  m = w < S(0.5) ? m + T(w) * (g - m) : g - (g - m) * T(S(1) - w);
   v = v * T(c.beta2) + T(c.one_minus_beta2) * g * g;
   T denom;
   if (f.amsgrad) {

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <functional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -23,6 +24,11 @@ struct Group {
   double momentum = 0.0, dampening = 0.0;
   bool nesterov = false;
 };
+
+// A Group from its fields by name (the pybind constructor of fastnn._C.OptimGroup, and the ops).
+Group make_group(double lr, const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                 double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                 double momentum, double dampening, bool nesterov);
 
 // One parameter and its state. Unused slots stay undefined.
 struct Slot {
@@ -42,19 +48,29 @@ struct Scaling {
   at::Tensor clip_coef;   // gradients are multiplied by it for the update (not written back)
 };
 
+// How validate_slot names a slot's tensors in its errors: the ops name list entries
+// ("exp_avgs[3]"), the optimizers' plan names state entries ("state['exp_avg'] of
+// param_groups[0]['params'][3]"). Called only when a check fails.
+using SlotNamer = std::function<std::string(const char* list_name, const char* state_key)>;
+
 // Argument checks; each raises a ValueError naming the argument, the expected and the received.
-// validate() checks a whole call; the plan checks groups each step and a slot when it is set.
+// validate() checks a whole call; the plan checks every slot it gathers, every step (the user may
+// have replaced a state tensor or a parameter's .data since the last one). Nothing is changed
+// before every slot of a call has passed.
 void validate(Kind kind, const std::vector<Slot>& slots, const std::vector<Group>& groups,
               const Scaling& scaling);
 void validate_groups(Kind kind, const std::vector<Group>& groups);
-void validate_slot(Kind kind, const Slot& s, size_t index, bool amsgrad, bool momentum);
+void validate_slot(Kind kind, const Slot& s, bool amsgrad, bool momentum, bool unscale,
+                   const SlotNamer& name);
 void validate_scaling(const Scaling& scaling, const at::Device& device);
+void validate_lr_tensor(const Group& g, const at::Device& device);
 
 // The kernels run over raw memory, so every tensor of a slot must be dense with the parameter's
 // strides. with_contiguous runs `fn` on slots where any other tensor is replaced by a contiguous
-// copy, and copies those back after.
+// copy, and copies back those the step writes (the gradient only when it is unscaled).
 bool needs_contiguous_copy(const Slot& s);
-void with_contiguous(std::vector<Slot>& slots, const std::function<void(std::vector<Slot>&)>& fn);
+void with_contiguous(std::vector<Slot>& slots, bool unscale,
+                     const std::function<void(std::vector<Slot>&)>& fn);
 
 void step_cpu(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
               const Scaling& scaling);
@@ -63,19 +79,17 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& 
                                                  const at::Tensor& grad_scale);
 
 #ifdef FASTNN_WITH_CUDA
-// The device table of a previous launch, kept by a caller that steps the same tensors again
-// (the optimizers' plan): when the host table is unchanged the device copy is reused, and
-// relaunch_cuda runs a step on it without building the host table at all.
+// The device copy of a launch's tensor table, kept by a caller that steps the same tensors again
+// (the optimizers' plan). It is keyed on the whole host table (every address, size, dtype, group
+// and flag), which is rebuilt and compared each step: a changed tensor always re-uploads, and an
+// unchanged model pays no host-to-device copy.
 struct CudaTableCache {
   std::vector<int64_t> host;
   at::Tensor device;
-  int64_t n_tensors = 0, n_chunks = 0;
-  bool valid = false;  // set by step_cuda when this holds the table of its launch
 };
+// `caches`: one per launch (a launch carries up to 32 parameter groups); null: no caching.
 void step_cuda(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
-               const Scaling& scaling, CudaTableCache* cache);
-void relaunch_cuda(Kind kind, const CudaTableCache& cache, const std::vector<Group>& groups,
-                   const Scaling& scaling, const at::Device& device);
+               const Scaling& scaling, std::vector<CudaTableCache>* caches);
 std::tuple<at::Tensor, at::Tensor> grad_norm_cuda(const std::vector<at::Tensor>& grads,
                                                   double max_norm, double norm_type,
                                                   const at::Tensor& grad_scale,

@@ -238,7 +238,8 @@ void step_contiguous(Kind kind, std::vector<Slot>& slots, const std::vector<Grou
 
 void step_cpu(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
               const Scaling& scaling) {
-  with_contiguous(slots, [&](std::vector<Slot>& dense) { step_contiguous(kind, dense, groups, scaling); });
+  with_contiguous(slots, scaling.grad_scale.defined(),
+                  [&](std::vector<Slot>& dense) { step_contiguous(kind, dense, groups, scaling); });
 }
 
 std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& grads,
@@ -287,7 +288,10 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& 
   for (double r : partial) total = inf_norm ? nan_max(total, r) : total + r;
   if (!inf_norm) total = std::sqrt(total);
   if (grad_scale.defined()) total /= grad_scale.item<double>();
-  const double coef = std::min(1.0, max_norm / (total + 1e-6));
+  // NaN stays NaN, as torch.clamp(max_norm / (norm + 1e-6), max=1) in clip_grad_norm_: a NaN
+  // gradient makes every clipped gradient NaN (std::min(1.0, NaN) would be 1).
+  const double ratio = max_norm / (total + 1e-6);
+  const double coef = std::isnan(ratio) ? ratio : std::min(1.0, ratio);
   auto opts = at::TensorOptions().dtype(at::kFloat);
   return {at::scalar_tensor(total, opts), at::scalar_tensor(coef, opts)};
 }

@@ -6,7 +6,10 @@
 //
 // Fake kernels and the Python API live in fastnn/ops/optim.py; the reference implementations
 // with the same signatures in fastnn/reference/optim.py.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "common.h"
 #include "optim/optim.h"
@@ -20,17 +23,25 @@ bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
-void check_like(const at::Tensor& t, const at::Tensor& param, const char* name, size_t i) {
-  const std::string arg = std::string(name) + "[" + std::to_string(i) + "]";
-  FASTNN_CHECK_ARG(t.defined(), arg, "a tensor", "None");
-  FASTNN_CHECK_ARG(!t.is_sparse(), arg,
+// The step writes `t`: it must not have elements that share memory (an expanded tensor), or the
+// copy back from a dense copy fails halfway through, after other tensors were updated.
+bool writable(const at::Tensor& t) { return at::has_internal_overlap(t) != at::MemOverlap::Yes; }
+
+void check_like(const at::Tensor& t, const at::Tensor& param, bool written, const char* list_name,
+                const char* state_key, const SlotNamer& name) {
+  FASTNN_CHECK_ARG(t.defined(), name(list_name, state_key), "a tensor", "None");
+  FASTNN_CHECK_ARG(!t.is_sparse(), name(list_name, state_key),
                    "a dense tensor (sparse gradients are not supported; use torch.optim.SparseAdam)",
                    "a sparse tensor");
   FASTNN_CHECK_ARG(t.device() == param.device() && t.scalar_type() == param.scalar_type() &&
                        t.sizes() == param.sizes(),
-                   arg, "the shape, dtype and device of params[" + std::to_string(i) + "] (" +
-                            describe(param) + ")",
+                   name(list_name, state_key),
+                   "the shape, dtype and device of its parameter (" + describe(param) + ")",
                    describe(t));
+  FASTNN_CHECK_ARG(!written || writable(t), name(list_name, state_key),
+                   "a tensor whose elements do not share memory (the step writes it; an expanded "
+                   "tensor cannot be written)",
+                   describe(t) + " with strides " + c10::str(t.strides()));
 }
 
 void check_scalar(const at::Tensor& t, const char* name, const at::Device& device) {
@@ -53,7 +64,8 @@ bool needs_contiguous_copy(const Slot& s) {
   return false;
 }
 
-void with_contiguous(std::vector<Slot>& slots, const std::function<void(std::vector<Slot>&)>& fn) {
+void with_contiguous(std::vector<Slot>& slots, bool unscale,
+                     const std::function<void(std::vector<Slot>&)>& fn) {
   bool any = false;
   for (const Slot& s : slots) any = any || needs_contiguous_copy(s);
   if (!any) return fn(slots);
@@ -70,6 +82,7 @@ void with_contiguous(std::vector<Slot>& slots, const std::function<void(std::vec
   for (size_t i = 0; i < slots.size(); ++i) {
     for (auto member : {&Slot::param, &Slot::grad, &Slot::exp_avg, &Slot::exp_avg_sq,
                         &Slot::max_exp_avg_sq}) {
+      if (member == &Slot::grad && !unscale) continue;  // read only: nothing to copy back
       at::Tensor& t = slots[i].*member;
       const at::Tensor& d = dense[i].*member;
       if (t.defined() && !d.is_same(t)) t.copy_(d);
@@ -77,11 +90,10 @@ void with_contiguous(std::vector<Slot>& slots, const std::function<void(std::vec
   }
 }
 
+// lr and weight_decay take any value at the step, as in torch.optim, whose constructors check
+// them but whose steps run whatever a schedule or the user set since.
 void validate_groups(Kind kind, const std::vector<Group>& groups) {
   for (const Group& g : groups) {
-    FASTNN_CHECK_ARG(g.lr >= 0.0, "lr", "a learning rate >= 0", std::to_string(g.lr));
-    FASTNN_CHECK_ARG(g.weight_decay >= 0.0, "weight_decay", "a value >= 0",
-                     std::to_string(g.weight_decay));
     if (g.lr_tensor.defined()) {
       FASTNN_CHECK_ARG(g.lr_tensor.numel() == 1 && at::isFloatingType(g.lr_tensor.scalar_type()),
                        "lr_tensor", "a floating-point tensor with one element",
@@ -103,54 +115,81 @@ void validate_groups(Kind kind, const std::vector<Group>& groups) {
   }
 }
 
-void validate_slot(Kind kind, const Slot& s, size_t i, bool amsgrad, bool momentum) {
-  const std::string pi = "params[" + std::to_string(i) + "]";
-  FASTNN_CHECK_ARG(s.param.defined(), pi, "a tensor", "None");
-  FASTNN_CHECK_ARG(!s.param.is_complex(), pi,
+// A device lr is read by the kernel through its address: it must live on the parameters' device
+// (a CPU lr is read on the host).
+void validate_lr_tensor(const Group& g, const at::Device& device) {
+  if (!g.lr_tensor.defined()) return;
+  FASTNN_CHECK_ARG(g.lr_tensor.device().is_cpu() || g.lr_tensor.device() == device, "lr_tensor",
+                   "a tensor on the CPU or on " + device.str(), describe(g.lr_tensor));
+}
+
+void validate_slot(Kind kind, const Slot& s, bool amsgrad, bool momentum, bool unscale,
+                   const SlotNamer& name) {
+  FASTNN_CHECK_ARG(s.param.defined(), name("params", nullptr), "a tensor", "None");
+  FASTNN_CHECK_ARG(!s.param.is_complex(), name("params", nullptr),
                    "a real floating-point tensor (complex parameters are not supported; view them "
                    "with torch.view_as_real)",
                    describe(s.param));
-  FASTNN_CHECK_ARG(supported_dtype(s.param.scalar_type()) && !s.param.is_sparse(), pi,
-                   "a dense float32, float64, bfloat16 or float16 tensor", describe(s.param));
-  if (s.grad.defined()) check_like(s.grad, s.param, "grads", i);
+  FASTNN_CHECK_ARG(supported_dtype(s.param.scalar_type()) && !s.param.is_sparse(),
+                   name("params", nullptr), "a dense float32, float64, bfloat16 or float16 tensor",
+                   describe(s.param));
+  FASTNN_CHECK_ARG(writable(s.param), name("params", nullptr),
+                   "a tensor whose elements do not share memory (the step writes it)",
+                   describe(s.param) + " with strides " + c10::str(s.param.strides()));
+  if (s.grad.defined()) check_like(s.grad, s.param, unscale, "grads", nullptr, name);
   if (kind == Kind::Adam) {
-    check_like(s.exp_avg, s.param, "exp_avgs", i);
-    check_like(s.exp_avg_sq, s.param, "exp_avg_sqs", i);
-    if (amsgrad) check_like(s.max_exp_avg_sq, s.param, "max_exp_avg_sqs", i);
-    const std::string si = "steps[" + std::to_string(i) + "]";
+    check_like(s.exp_avg, s.param, true, "exp_avgs", "exp_avg", name);
+    check_like(s.exp_avg_sq, s.param, true, "exp_avg_sqs", "exp_avg_sq", name);
+    if (amsgrad) check_like(s.max_exp_avg_sq, s.param, true, "max_exp_avg_sqs", "max_exp_avg_sq", name);
     FASTNN_CHECK_ARG(s.step.defined() && s.step.numel() == 1 && s.step.scalar_type() == at::kFloat,
-                     si, "a float32 tensor with one element", describe(s.step));
-    FASTNN_CHECK_ARG(s.step.device() == s.param.device(), si,
+                     name("steps", "step"), "a float32 tensor with one element", describe(s.step));
+    FASTNN_CHECK_ARG(s.step.device() == s.param.device(), name("steps", "step"),
                      "a tensor on the parameter's device " + s.param.device().str(),
                      describe(s.step));
   } else if (momentum) {
-    check_like(s.exp_avg, s.param, "momentum_buffers", i);
+    check_like(s.exp_avg, s.param, true, "momentum_buffers", "momentum_buffer", name);
   }
 }
 
 void validate(Kind kind, const std::vector<Slot>& slots, const std::vector<Group>& groups,
               const Scaling& scaling) {
   validate_groups(kind, groups);
+  const bool unscale = scaling.grad_scale.defined();
   for (size_t i = 0; i < slots.size(); ++i) {
     const Slot& s = slots[i];
     FASTNN_CHECK_ARG(s.group >= 0 && s.group < (int)groups.size(), "group",
                      "an index below the number of groups (" + std::to_string(groups.size()) + ")",
                      std::to_string(s.group));
     FASTNN_CHECK_ARG(s.grad.defined(), "grads[" + std::to_string(i) + "]", "a tensor", "None");
-    validate_slot(kind, s, i, groups[s.group].amsgrad, groups[s.group].momentum != 0.0);
+    validate_slot(kind, s, groups[s.group].amsgrad, groups[s.group].momentum != 0.0, unscale,
+                  [i](const char* list_name, const char*) {
+                    return std::string(list_name) + "[" + std::to_string(i) + "]";
+                  });
     if (i > 0) {
       FASTNN_CHECK_ARG(s.param.device() == slots[0].param.device(), "params[" + std::to_string(i) + "]",
                        "every parameter on one device (" + slots[0].param.device().str() + ")",
                        describe(s.param));
     }
   }
-  if (!slots.empty()) validate_scaling(scaling, slots[0].param.device());
+  if (!slots.empty()) {
+    validate_scaling(scaling, slots[0].param.device());
+    for (const Group& g : groups) validate_lr_tensor(g, slots[0].param.device());
+  }
 }
 
 void validate_scaling(const Scaling& scaling, const at::Device& device) {
   check_scalar(scaling.grad_scale, "grad_scale", device);
   check_scalar(scaling.found_inf, "found_inf", device);
   check_scalar(scaling.clip_coef, "clip_coef", device);
+}
+
+Group make_group(double lr, const c10::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                 double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                 double momentum, double dampening, bool nesterov) {
+  return Group{.lr = lr, .lr_tensor = lr_tensor.value_or(at::Tensor()), .beta1 = beta1, .beta2 = beta2,
+               .eps = eps, .weight_decay = weight_decay, .amsgrad = amsgrad, .maximize = maximize,
+               .decoupled = decoupled, .momentum = momentum, .dampening = dampening,
+               .nesterov = nesterov};
 }
 
 std::vector<Slot> adam_slots(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -208,35 +247,6 @@ std::vector<Slot> sgd_slots(at::TensorList params, at::TensorList grads,
 
 namespace {
 
-Group adam_group(double lr, double beta1, double beta2, double eps, double weight_decay,
-                 bool amsgrad, bool maximize, bool decoupled,
-                 const c10::optional<at::Tensor>& lr_tensor) {
-  Group g;
-  g.lr = lr;
-  g.lr_tensor = lr_tensor.value_or(at::Tensor());
-  g.beta1 = beta1;
-  g.beta2 = beta2;
-  g.eps = eps;
-  g.weight_decay = weight_decay;
-  g.amsgrad = amsgrad;
-  g.maximize = maximize;
-  g.decoupled = decoupled;
-  return g;
-}
-
-Group sgd_group(double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-                bool maximize, const c10::optional<at::Tensor>& lr_tensor) {
-  Group g;
-  g.lr = lr;
-  g.lr_tensor = lr_tensor.value_or(at::Tensor());
-  g.momentum = momentum;
-  g.dampening = dampening;
-  g.weight_decay = weight_decay;
-  g.nesterov = nesterov;
-  g.maximize = maximize;
-  return g;
-}
-
 Scaling scaling_of(const c10::optional<at::Tensor>& grad_scale,
                    const c10::optional<at::Tensor>& found_inf,
                    const c10::optional<at::Tensor>& clip_coef) {
@@ -270,8 +280,8 @@ void adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList ex
                   const c10::optional<at::Tensor>& found_inf,
                   const c10::optional<at::Tensor>& clip_coef) {
   auto slots = adam_slots(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad);
-  std::vector<Group> groups{
-      adam_group(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor)};
+  std::vector<Group> groups{make_group(lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                                        decoupled, 0.0, 0.0, false)};
   Scaling scaling = scaling_of(grad_scale, found_inf, clip_coef);
   validate(Kind::Adam, slots, groups, scaling);
   run(Kind::Adam, slots, groups, scaling);
@@ -285,8 +295,8 @@ void sgd_step_op(at::TensorList params, at::TensorList grads, at::TensorList mom
                  const c10::optional<at::Tensor>& found_inf,
                  const c10::optional<at::Tensor>& clip_coef) {
   auto slots = sgd_slots(params, grads, momentum_buffers, momentum, is_first_step);
-  std::vector<Group> groups{
-      sgd_group(lr, momentum, dampening, weight_decay, nesterov, maximize, lr_tensor)};
+  std::vector<Group> groups{make_group(lr, lr_tensor, 0.9, 0.999, 1e-8, weight_decay, false, maximize, false,
+                                        momentum, dampening, nesterov)};
   Scaling scaling = scaling_of(grad_scale, found_inf, clip_coef);
   validate(Kind::Sgd, slots, groups, scaling);
   run(Kind::Sgd, slots, groups, scaling);

@@ -1,9 +1,17 @@
-// StepPlan: the host side of fastnn's optimizers. It holds the parameters of one device and their
-// state once, and at each step reads every parameter's .grad in C++ (no per-parameter Python work),
-// skips those without one, and runs the Adam or SGD kernel over the rest in one call. On CUDA it
-// keeps the device tables of the last launch and reuses them while the tensors are the same, so a
-// model of thousands of small tensors pays no per-step table upload.
+// StepPlan: the host side of fastnn's optimizers for the parameters of one device. Each step it
+// reads, in C++, what the optimizer holds now: every parameter of param_groups, its .grad and
+// its state entries in optimizer.state. It keeps none of them between steps, so whatever the user
+// changed since the last step (state cleared or replaced, a parameter swapped in a group's list,
+// p.data resized, amsgrad or momentum switched on) is what the step sees, and every tensor is
+// checked before anything is written. The one thing kept is the CUDA launch's device table,
+// keyed on its whole content (StepPlan::caches_, see optim.h).
+//
+// The per-parameter work is a few dictionary lookups and comparisons in C++, so a model of
+// thousands of tensors pays no per-parameter Python work.
 #include <torch/extension.h>
+
+#include <set>
+#include <utility>
 
 #include "common.h"
 #include "module.h"
@@ -15,232 +23,182 @@ namespace {
 
 namespace py = pybind11;
 
+using Position = std::pair<int64_t, int64_t>;  // (group index, index in the group's params)
+
+std::string state_name(const Position& pos, const char* key) {
+  const std::string param = "param_groups[" + std::to_string(pos.first) + "]['params'][" +
+                            std::to_string(pos.second) + "]";
+  return key ? "state['" + std::string(key) + "'] of " + param : param;
+}
+
+// The state entry `key` of one parameter's state dict, or an undefined tensor when absent or None.
+at::Tensor state_tensor(PyObject* entry, const char* key, const Position& pos) {
+  PyObject* v = PyDict_GetItemString(entry, key);  // borrowed; no error for a missing key
+  if (v == nullptr || v == Py_None) return at::Tensor();
+  FASTNN_CHECK_ARG(THPVariable_Check(v), state_name(pos, key), "a tensor",
+                   "an object of type " + std::string(Py_TYPE(v)->tp_name));
+  return THPVariable_Unpack(v);
+}
+
 class StepPlan {
  public:
-  StepPlan(const std::string& kind, std::vector<at::Tensor> params, std::vector<int64_t> groups)
-      : kind_(kind == "adam" ? Kind::Adam : Kind::Sgd), slots_(params.size()) {
+  StepPlan(const std::string& kind, at::Device device)
+      : kind_(kind == "adam" ? Kind::Adam : Kind::Sgd), device_(device) {
     FASTNN_CHECK_ARG(kind == "adam" || kind == "sgd", "kind", "'adam' or 'sgd'", kind);
-    FASTNN_CHECK_ARG(groups.size() == params.size(), "groups", "one group index per parameter",
+  }
+
+  // One step over the parameters of this device that have a gradient.
+  //   param_groups, state: the optimizer's own (read, never kept);
+  //   groups: each group's typed settings, in param_groups' order;
+  //   first_step: (SGD) positions whose momentum buffer was just made: set it to the gradient.
+  // Returns (stepped, on_device, missing). When `missing` (positions of parameters with a gradient
+  // whose state the optimizer has not made yet) is not empty nothing was run: the optimizer makes
+  // that state and calls again. `on_device` counts this device's parameters, so the optimizer
+  // sees when a parameter moved in or out of it.
+  std::tuple<int64_t, int64_t, std::vector<Position>> step(
+      const py::list& param_groups, const py::dict& state, const std::vector<Group>& groups,
+      c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+      c10::optional<at::Tensor> clip_coef, const std::vector<Position>& first_step) {
+    FASTNN_CHECK_ARG(groups.size() == param_groups.size(), "groups",
+                     std::to_string(param_groups.size()) + " group settings (one per group)",
                      std::to_string(groups.size()));
-    for (size_t i = 0; i < params.size(); ++i) {
-      slots_[i].param = params[i];
-      slots_[i].group = (int)groups[i];
-    }
-    has_state_.assign(params.size(), false);
-  }
-
-  // Adam: (exp_avg, exp_avg_sq, max_exp_avg_sq or None, step). SGD: (momentum_buffer, first_step).
-  void set_adam_state(int64_t i, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                      c10::optional<at::Tensor> max_exp_avg_sq, at::Tensor step) {
-    Slot s = at_index(i);
-    s.exp_avg = std::move(exp_avg);
-    s.exp_avg_sq = std::move(exp_avg_sq);
-    s.max_exp_avg_sq = max_exp_avg_sq.value_or(at::Tensor());
-    s.step = std::move(step);
-    validate_slot(kind_, s, (size_t)i, s.max_exp_avg_sq.defined(), false);
-    slots_[i] = std::move(s);
-    has_state_[i] = true;
-  }
-
-  void set_sgd_state(int64_t i, c10::optional<at::Tensor> momentum_buffer, bool first_step) {
-    Slot s = at_index(i);
-    s.exp_avg = momentum_buffer.value_or(at::Tensor());
-    s.first_step = first_step;
-    validate_slot(kind_, s, (size_t)i, false, s.exp_avg.defined());
-    slots_[i] = std::move(s);
-    has_state_[i] = true;
-  }
-
-  // Parameters that have a gradient but no state yet: the optimizer initialises those first.
-  std::vector<int64_t> missing_state() const {
-    std::vector<int64_t> out;
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      if (!has_state_[i] && slots_[i].param.grad().defined()) out.push_back((int64_t)i);
-    }
-    return out;
-  }
-
-  // One step. `groups` holds, per group, (lr, lr_tensor or None, beta1, beta2, eps, weight_decay,
-  // amsgrad, maximize, decoupled, momentum, dampening, nesterov). Returns how many parameters
-  // were stepped (those with a gradient).
-  int64_t step(const py::list& groups, c10::optional<at::Tensor> grad_scale,
-               c10::optional<at::Tensor> found_inf, c10::optional<at::Tensor> clip_coef) {
-    std::vector<Group> gs = parse_groups(groups);
-    validate_groups(kind_, gs);
+    validate_groups(kind_, groups);
     Scaling scaling{grad_scale.value_or(at::Tensor()), found_inf.value_or(at::Tensor()),
                     clip_coef.value_or(at::Tensor())};
+    validate_scaling(scaling, device_);
+    for (const Group& g : groups) validate_lr_tensor(g, device_);
+    const std::set<Position> first(first_step.begin(), first_step.end());
+    std::vector<Slot> active;
+    std::vector<Position> missing;
+    const int64_t on_device = gather(param_groups, state, groups, first, scaling, active, missing);
+    if (!missing.empty() || active.empty()) return {0, on_device, missing};
 #ifdef FASTNN_WITH_CUDA
-    if (same_as_last_launch()) {
-      validate_scaling(scaling, slots_[active_[0]].param.device());
-      relaunch_cuda(kind_, cache_, gs, scaling, slots_[active_[0]].param.device());
-      return (int64_t)active_.size();
+    if (device_.is_cuda()) {
+      step_cuda(kind_, active, groups, scaling, &caches_);
+      return {(int64_t)active.size(), on_device, missing};
     }
 #endif
-    std::vector<Slot> active = gather(gs);
-    if (active.empty()) return 0;
-    validate_scaling(scaling, active[0].param.device());
-    bool first_steps = false;
-    for (const Slot& s : active) first_steps = first_steps || s.first_step;
-    run(active, gs, scaling);
-#ifdef FASTNN_WITH_CUDA
-    remember_launch(active, first_steps);
-#endif
-    if (first_steps) {
-      // SGD buffers initialised from the gradient: the next step updates them, unless this step
-      // was skipped for an inf/NaN gradient (the rare case that needs to read found_inf here).
-      const bool skipped = scaling.found_inf.defined() && scaling.found_inf.item<double>() != 0.0;
-      if (!skipped) {
-        for (Slot& s : slots_) s.first_step = false;
-      }
-    }
-    return (int64_t)active.size();
+    step_cpu(kind_, active, groups, scaling);
+    return {(int64_t)active.size(), on_device, missing};
   }
 
-  // Global norm of the gradients present and the clipping factor, as grad_norm_clip_coef.
-  std::tuple<at::Tensor, at::Tensor> grad_norm(double max_norm, double norm_type,
-                                               c10::optional<at::Tensor> grad_scale) {
+  // Global norm of this device's gradients and the clipping factor, as grad_norm_clip_coef.
+  std::tuple<at::Tensor, at::Tensor> grad_norm(const py::list& param_groups, double max_norm,
+                                               double norm_type, c10::optional<at::Tensor> grad_scale) {
     std::vector<at::Tensor> grads;
-    for (const Slot& s : slots_) {
-      at::Tensor g = s.param.grad();
-      if (g.defined()) grads.push_back(g);
-    }
+    for_each_param(param_groups, [&](const at::Tensor& p, const Position&, PyObject*) {
+      at::Tensor g = p.grad();
+      if (g.defined()) grads.push_back(std::move(g));
+    });
     const at::Tensor scale = grad_scale.value_or(at::Tensor());
     if (grads.empty()) {
-      auto opts = slots_.empty() ? at::TensorOptions().dtype(at::kFloat)
-                                 : slots_[0].param.options().dtype(at::kFloat);
+      auto opts = at::TensorOptions().dtype(at::kFloat).device(device_);
       return {at::zeros({}, opts), at::ones({}, opts)};
     }
 #ifdef FASTNN_WITH_CUDA
-    if (grads[0].is_cuda()) return grad_norm_cuda(grads, max_norm, norm_type, scale, &norm_cache_);
+    if (device_.is_cuda()) return grad_norm_cuda(grads, max_norm, norm_type, scale, &norm_cache_);
 #endif
     return grad_norm_cpu(grads, max_norm, norm_type, scale);
   }
 
-  int64_t size() const { return (int64_t)slots_.size(); }
-
  private:
-#ifdef FASTNN_WITH_CUDA
-  // The fast path of a step: the parameters with a gradient, and every address, are those of the
-  // last launch, whose device table is still cached. Costs a few nanoseconds per parameter and no
-  // allocation, so thousands of small tensors pay no per-step host work beyond this check.
-  bool same_as_last_launch() const {
-    if (!cache_.valid || active_.empty()) return false;
-    size_t k = 0;
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      const at::Tensor& g = slots_[i].param.grad();
-      if (!g.defined()) continue;
-      if (k == active_.size() || active_[k] != i || g.layout() != at::kStrided || !g.is_contiguous() ||
-          g.const_data_ptr() != grad_addr_[k] || slots_[i].param.const_data_ptr() != param_addr_[k]) {
-        return false;
-      }
-      ++k;
-    }
-    return k == active_.size();
-  }
-
-  void remember_launch(const std::vector<Slot>& active, bool first_steps) {
-    active_.clear();
-    grad_addr_.clear();
-    param_addr_.clear();
-    // A table holding first-step flags (SGD) changes at the next step: don't reuse it.
-    if (!cache_.valid || first_steps || !active[0].param.is_cuda()) {
-      cache_.valid = false;
-      return;
-    }
-    for (size_t i = 0, k = 0; i < slots_.size() && k < active.size(); ++i) {
-      if (slots_[i].param.is_same(active[k].param)) {
-        active_.push_back(i);
-        grad_addr_.push_back(active[k].grad.const_data_ptr());
-        param_addr_.push_back(active[k].param.const_data_ptr());
-        ++k;
+  // Calls fn(param, position, its Python object) for every parameter of this device; returns how many there are.
+  template <typename F>
+  int64_t for_each_param(const py::list& param_groups, const F& fn) const {
+    int64_t on_device = 0;
+    for (size_t gi = 0; gi < param_groups.size(); ++gi) {
+      PyObject* group = PyList_GET_ITEM(param_groups.ptr(), gi);
+      PyObject* params = PyDict_Check(group) ? PyDict_GetItemString(group, "params") : nullptr;
+      FASTNN_CHECK_ARG(params != nullptr && PyList_Check(params),
+                       "param_groups[" + std::to_string(gi) + "]", "a dict with a 'params' list",
+                       "an object without one");
+      for (Py_ssize_t pi = 0; pi < PyList_GET_SIZE(params); ++pi) {
+        PyObject* obj = PyList_GET_ITEM(params, pi);
+        const Position pos{(int64_t)gi, (int64_t)pi};
+        FASTNN_CHECK_ARG(THPVariable_Check(obj), state_name(pos, nullptr), "a tensor",
+                         "an object of type " + std::string(Py_TYPE(obj)->tp_name));
+        const at::Tensor& p = THPVariable_Unpack(obj);
+        if (p.device() != device_) continue;
+        ++on_device;
+        fn(p, pos, obj);
       }
     }
-  }
-#endif
-
-  Slot& at_index(int64_t i) {
-    FASTNN_CHECK_ARG(i >= 0 && i < (int64_t)slots_.size(), "index",
-                     "a parameter index below " + std::to_string(slots_.size()), std::to_string(i));
-#ifdef FASTNN_WITH_CUDA
-    cache_.valid = false;  // the state changes: the next step rebuilds the table
-#endif
-    return slots_[i];
+    return on_device;
   }
 
-  // The slots whose parameter has a gradient. Slots were checked when their state was set;
-  // a gradient always matches its parameter (torch checks that on assignment), except that it
-  // may be sparse.
-  std::vector<Slot> gather(const std::vector<Group>& gs) const {
-    std::vector<Slot> active;
-    active.reserve(slots_.size());
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      at::Tensor g = slots_[i].param.grad();
-      if (!g.defined()) continue;
-      TORCH_CHECK(g.layout() == at::kStrided,
-                  "fastnn.optim: sparse gradients are not supported (parameter ", i,
-                  "); consider torch.optim.SparseAdam");
-      TORCH_CHECK(has_state_[i], "fastnn.optim: parameter ", i,
-                  " has a gradient but no optimizer state (call missing_state() first)");
-      const Slot& s = slots_[i];
-      FASTNN_CHECK_ARG(s.group >= 0 && s.group < (int)gs.size(), "groups",
-                       "at least " + std::to_string(s.group + 1) + " groups",
-                       std::to_string(gs.size()));
-      TORCH_CHECK(kind_ != Kind::Adam || !gs[s.group].amsgrad || s.max_exp_avg_sq.defined(),
-                  "fastnn.optim: amsgrad is on for parameter ", i,
-                  " but it has no max_exp_avg_sq state");
-      TORCH_CHECK(kind_ != Kind::Sgd || gs[s.group].momentum == 0.0 || s.exp_avg.defined(),
-                  "fastnn.optim: momentum is on for parameter ", i,
-                  " but it has no momentum_buffer state");
-      active.push_back(s);
-      active.back().grad = std::move(g);
+  // The slots of the parameters with a gradient, each checked; or the positions whose state is
+  // missing. Reads each parameter's state entries from `state` as they are now.
+  int64_t gather(const py::list& param_groups, const py::dict& state, const std::vector<Group>& groups,
+                 const std::set<Position>& first, const Scaling& scaling, std::vector<Slot>& active,
+                 std::vector<Position>& missing) const {
+    const bool unscale = scaling.grad_scale.defined();
+    return for_each_param(param_groups, [&](const at::Tensor& p, const Position& pos, PyObject* obj) {
+      at::Tensor grad = p.grad();
+      if (!grad.defined()) return;
+      TORCH_CHECK(grad.layout() == at::kStrided, "fastnn.optim: sparse gradients are not supported (",
+                  state_name(pos, nullptr), "); consider torch.optim.SparseAdam");
+      const Group& g = groups[pos.first];
+      const bool momentum = kind_ == Kind::Sgd && g.momentum != 0.0;
+      Slot s;
+      s.param = p;
+      s.grad = std::move(grad);
+      s.group = (int)pos.first;
+      if (kind_ == Kind::Adam || momentum) {
+        // Borrowed; a missing key is not inserted (state is a defaultdict: a parameter without
+        // a step gets no entry, as in torch).
+        PyObject* entry = PyDict_GetItemWithError(state.ptr(), obj);
+        if (entry == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        if (entry != nullptr) {
+          FASTNN_CHECK_ARG(PyDict_Check(entry), "state of " + state_name(pos, nullptr), "a dict",
+                           "an object of type " + std::string(Py_TYPE(entry)->tp_name));
+        }
+        if (entry == nullptr || !read_state(entry, g, pos, s)) {
+          missing.push_back(pos);
+          return;
+        }
+        s.first_step = momentum && first.count(pos) > 0;
+      }
+      validate_slot(kind_, s, g.amsgrad, momentum, unscale, [&pos](const char*, const char* key) {
+        return state_name(pos, key);
+      });
+      active.push_back(std::move(s));
+    });
+  }
+
+  // Fills the slot's state tensors from one parameter's state dict; false when one is missing.
+  bool read_state(PyObject* entry, const Group& g, const Position& pos, Slot& s) const {
+    if (kind_ == Kind::Sgd) {
+      s.exp_avg = state_tensor(entry, "momentum_buffer", pos);
+      return s.exp_avg.defined();
     }
-    return active;
-  }
-
-  static std::vector<Group> parse_groups(const py::list& groups) {
-    std::vector<Group> out;
-    out.reserve(groups.size());
-    for (const py::handle& h : groups) {
-      const py::tuple t = py::reinterpret_borrow<py::tuple>(h);
-      FASTNN_CHECK_ARG(t.size() == 12, "groups", "tuples of 12 hyperparameters",
-                       std::to_string(t.size()));
-      Group g;
-      g.lr = t[0].cast<double>();
-      if (!t[1].is_none()) g.lr_tensor = t[1].cast<at::Tensor>();
-      g.beta1 = t[2].cast<double>();
-      g.beta2 = t[3].cast<double>();
-      g.eps = t[4].cast<double>();
-      g.weight_decay = t[5].cast<double>();
-      g.amsgrad = t[6].cast<bool>();
-      g.maximize = t[7].cast<bool>();
-      g.decoupled = t[8].cast<bool>();
-      g.momentum = t[9].cast<double>();
-      g.dampening = t[10].cast<double>();
-      g.nesterov = t[11].cast<bool>();
-      out.push_back(std::move(g));
+    s.exp_avg = state_tensor(entry, "exp_avg", pos);
+    s.exp_avg_sq = state_tensor(entry, "exp_avg_sq", pos);
+    s.step = state_tensor(entry, "step", pos);
+    if (g.amsgrad) s.max_exp_avg_sq = state_tensor(entry, "max_exp_avg_sq", pos);
+    if (!s.exp_avg.defined() || !s.exp_avg_sq.defined() || !s.step.defined() ||
+        (g.amsgrad && !s.max_exp_avg_sq.defined())) {
+      return false;
     }
-    return out;
-  }
-
-  void run(std::vector<Slot>& active, const std::vector<Group>& gs, const Scaling& scaling) {
-#ifdef FASTNN_WITH_CUDA
-    if (active[0].param.is_cuda()) {
-      step_cuda(kind_, active, gs, scaling, &cache_);
-      return;
+    if (s.step.scalar_type() != at::kFloat || s.step.device() != s.param.device()) {
+      // A step counter set by the user (torch keeps it on the CPU): the kernels read it as float32
+      // on the parameter's device, so it is moved there, in the state, once.
+      FASTNN_CHECK_ARG(s.step.numel() == 1 && at::isFloatingType(s.step.scalar_type()),
+                       state_name(pos, "step"), "a floating-point tensor with one element",
+                       describe(s.step));
+      s.step = s.step.to(s.param.device(), at::kFloat);
+      PyObject* moved = THPVariable_Wrap(s.step);
+      const int rc = PyDict_SetItemString(entry, "step", moved);
+      Py_DECREF(moved);
+      if (rc != 0) throw py::error_already_set();
     }
-#endif
-    step_cpu(kind_, active, gs, scaling);
+    return true;
   }
 
   Kind kind_;
-  std::vector<Slot> slots_;
-  std::vector<bool> has_state_;
+  at::Device device_;
 #ifdef FASTNN_WITH_CUDA
-  CudaTableCache cache_;
+  std::vector<CudaTableCache> caches_;
   CudaTableCache norm_cache_;
-  // What the cached table was built from (same_as_last_launch).
-  std::vector<size_t> active_;
-  std::vector<const void*> grad_addr_, param_addr_;
 #endif
 };
 
@@ -248,19 +206,26 @@ class StepPlan {
 }  // namespace optim
 
 void bind_optim(pybind11::module_& m) {
+  namespace py = pybind11;
+  using optim::Group;
   using optim::StepPlan;
-  pybind11::class_<StepPlan>(m, "StepPlan",
-                             "Host-side step plan of fastnn's optimizers (one device).")
-      .def(pybind11::init<const std::string&, std::vector<at::Tensor>, std::vector<int64_t>>(),
-           pybind11::arg("kind"), pybind11::arg("params"), pybind11::arg("groups"))
-      .def("set_adam_state", &StepPlan::set_adam_state)
-      .def("set_sgd_state", &StepPlan::set_sgd_state)
-      .def("missing_state", &StepPlan::missing_state)
-      .def("step", &StepPlan::step, pybind11::arg("groups"), pybind11::arg("grad_scale") = pybind11::none(),
-           pybind11::arg("found_inf") = pybind11::none(), pybind11::arg("clip_coef") = pybind11::none())
-      .def("grad_norm", &StepPlan::grad_norm, pybind11::arg("max_norm"), pybind11::arg("norm_type") = 2.0,
-           pybind11::arg("grad_scale") = pybind11::none())
-      .def("__len__", &StepPlan::size);
+  py::class_<Group>(m, "OptimGroup", "The settings of one parameter group, as the step kernels read them.")
+      .def(py::init(&optim::make_group),
+           py::kw_only(), py::arg("lr"), py::arg("lr_tensor") = py::none(), py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0,
+           py::arg("amsgrad") = false, py::arg("maximize") = false, py::arg("decoupled") = false,
+           py::arg("momentum") = 0.0, py::arg("dampening") = 0.0, py::arg("nesterov") = false)
+      .def_readonly("lr", &Group::lr)
+      .def_readonly("weight_decay", &Group::weight_decay)
+      .def_readonly("amsgrad", &Group::amsgrad)
+      .def_readonly("momentum", &Group::momentum);
+  py::class_<StepPlan>(m, "StepPlan", "Host-side step of fastnn's optimizers for one device.")
+      .def(py::init<const std::string&, at::Device>(), py::arg("kind"), py::arg("device"))
+      .def("step", &StepPlan::step, py::arg("param_groups"), py::arg("state"), py::arg("groups"),
+           py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
+           py::arg("clip_coef") = py::none(), py::arg("first_step") = std::vector<std::pair<int64_t, int64_t>>())
+      .def("grad_norm", &StepPlan::grad_norm, py::arg("param_groups"), py::arg("max_norm"),
+           py::arg("norm_type") = 2.0, py::arg("grad_scale") = py::none());
 }
 
 }  // namespace fastnn

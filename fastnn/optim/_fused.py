@@ -1,14 +1,21 @@
 """What fastnn's optimizers share: state initialisation in torch's format, the step plans, the
 Python path for the reference and Triton backends, GradScaler and fused clipping.
 
+Nothing about the parameters or their state is cached between steps: each step reads
+``param_groups`` and ``state`` as they are then, so a state cleared or replaced, a parameter
+swapped or resized, or a hyperparameter switched is followed as torch.optim follows it. What is
+kept per device (the backend, and on CUDA the device tables, keyed on their whole content) never
+changes a result.
+
 Each optimizer subclasses its torch counterpart (``fastnn.optim.AdamW`` is a
 ``torch.optim.AdamW``), so construction, validation, parameter groups, ``add_param_group``,
 ``zero_grad``, hooks, ``state_dict`` and ``load_state_dict`` are torch's own; only ``step`` is
 replaced. The step runs, per device:
 
-* with the compiled library (``cpu``/``cuda`` backends): a ``fastnn._C.StepPlan`` that holds the
-  parameters and their state and reads every ``.grad`` in C++, so a step has no per-parameter
-  Python work and (on CUDA) reuses its device tables: one kernel launch for the whole model;
+* with the compiled library (``cpu``/``cuda`` backends): a ``fastnn._C.StepPlan`` that reads the
+  parameter groups, every ``.grad`` and the state in C++ at each step, so a step has no
+  per-parameter Python work and (on CUDA) reuses its device tables: one kernel launch for the
+  whole model;
 * otherwise (``triton``/``reference``): the lists of parameters with gradients are gathered in
   Python and passed to ``fastnn.ops.adam_step_``/``sgd_step_``.
 """
@@ -26,15 +33,19 @@ Tensor = torch.Tensor
 
 
 class _Plan:
-    """The parameters of one device, how they are stepped, and the C++ plan when there is one."""
+    """How the parameters of one device are stepped: the backend, the C++ plan when there is one,
+    and how many parameters the device held when the plan was made (a different count means a
+    parameter moved in or out of it: the plans are made again)."""
 
-    def __init__(self, device: torch.device, params: list[Tensor], groups: list[int], backend: str,
-                 native: Any | None):
+    def __init__(self, device: torch.device, n_params: int, backend: str, native: Any | None):
         self.device = device
-        self.params = params
-        self.groups = groups
+        self.n_params = n_params
         self.backend = backend
         self.native = native  # fastnn._C.StepPlan or None
+
+
+class _Stale(Exception):
+    """A plan no longer matches the parameters of its device."""
 
 
 class FusedOptimizerMixin:
@@ -42,6 +53,7 @@ class FusedOptimizerMixin:
 
     _kind: str  # "adam" or "sgd"
     _op: backends.Op
+    _validate: Callable[[backends.Args], None]  # the op's argument checks
     # GradScaler hands this optimizer grad_scale/found_inf instead of unscaling the gradients
     # itself; the kernels unscale and skip steps with inf/NaN gradients on the device.
     _step_supports_amp_scaling = True
@@ -96,49 +108,49 @@ class FusedOptimizerMixin:
     # -- state -----------------------------------------------------------------------------------
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Make the state entries of ``p`` that its group needs and it lacks (torch's format)."""
         raise NotImplementedError
 
-    def _group_args(self, group: dict[str, Any]) -> tuple:
-        """The 12-tuple the C++ plan reads (see csrc/optim/plan.cpp)."""
+    def _settings(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The group's settings as the step kernels on ``device`` read them (fastnn._C.OptimGroup's
+        fields)."""
         raise NotImplementedError
 
-    def _run_lists(self, backend: str, group: dict[str, Any], params: list[Tensor], scaling: dict) -> None:
-        """Python path: one op call over the parameters of one group that have gradients."""
+    def _bind_lists(self, group: dict[str, Any], params: list[Tensor], first_step: bool,
+                    scaling: dict) -> backends.Args:
+        """Python path: the op call over ``params`` (of one group, all with a gradient)."""
         raise NotImplementedError
 
-    def _set_plan_state(self, plan: Any, i: int, p: Tensor, group: dict[str, Any]) -> None:
+    def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` has every state entry its group needs."""
         raise NotImplementedError
+
+    def _choose(self, device: torch.device, params: list[Tensor]) -> str:
+        """The backend that steps ``params`` (all on ``device``): the op's chooser decides."""
+        raise NotImplementedError
+
+    def _after_first_step(self, params: list[Tensor], scaling: dict) -> None:
+        """After a step that made new state for ``params``: SGD undoes it when the step was skipped."""
 
     # -- plans -----------------------------------------------------------------------------------
 
     def _plan_key(self) -> tuple:
-        # Rebuild when the groups' parameter lists or the forced backend change. O(groups), not
-        # O(parameters): a step must cost no per-parameter Python work. (add_param_group and
-        # load_state_dict drop the plans themselves.)
+        # Rebuild when the groups' parameter lists or the forced backend change: O(groups), not
+        # O(parameters). A parameter replaced in a list, or moved to another device, is seen by
+        # the count of each device's parameters, which every step checks.
         return (tuple((id(g["params"]), len(g["params"])) for g in self.param_groups), backends.forced(self._op.name))
 
     def _build_plans(self) -> list[_Plan]:
-        by_device: dict[torch.device, tuple[list[Tensor], list[int]]] = {}
-        for gi, group in enumerate(self.param_groups):
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for group in self.param_groups:
             for p in group["params"]:
-                params, groups = by_device.setdefault(p.device, ([], []))
-                params.append(p)
-                groups.append(gi)
+                by_device.setdefault(p.device, []).append(p)
         plans = []
-        for device, (params, groups) in by_device.items():
-            backend = self._op.choose(params)
-            native = None
-            if backend in ("cpu", "cuda"):
-                module = _extension.load()
-                native = module.StepPlan(self._kind, params, groups)
-                for i, (p, gi) in enumerate(zip(params, groups)):
-                    if self._has_state(p, self.param_groups[gi]):
-                        self._set_plan_state(native, i, p, self.param_groups[gi])
-            plans.append(_Plan(device, params, groups, backend, native))
+        for device, params in by_device.items():
+            backend = self._choose(device, params)
+            native = _extension.load().StepPlan(self._kind, device) if backend in ("cpu", "cuda") else None
+            plans.append(_Plan(device, len(params), backend, native))
         return plans
-
-    def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
-        return bool(self.state.get(p))
 
     def _current_plans(self) -> list[_Plan]:
         key = self._plan_key()
@@ -157,47 +169,80 @@ class FusedOptimizerMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = self._current_plans()
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
-        clip = self._clip_coefs(plans, grad_scale) if self.max_grad_norm is not None else {}
-        for plan in plans:
-            scaling = {
-                "grad_scale": _on(grad_scale, plan.device),
-                "found_inf": _on(found_inf, plan.device),
-                "clip_coef": clip.get(plan.device),
-            }
-            if plan.native is not None:
-                self._step_native(plan, scaling)
-            else:
-                self._step_lists(plan, scaling)
+        done: set[torch.device] = set()
+        for attempt in range(2):
+            plans = self._current_plans()
+            try:
+                clip = self._clip_coefs(plans, grad_scale) if self.max_grad_norm is not None else {}
+                for plan in plans:
+                    if plan.device in done:
+                        continue
+                    scaling = {
+                        "grad_scale": _on(grad_scale, plan.device),
+                        "found_inf": _on(found_inf, plan.device),
+                        "clip_coef": clip.get(plan.device),
+                    }
+                    if plan.native is not None:
+                        self._step_native(plan, scaling)
+                    else:
+                        self._step_lists(plan, scaling)
+                    done.add(plan.device)
+                return loss
+            except _Stale:
+                if attempt:
+                    raise RuntimeError("fastnn.optim: the parameters changed devices during the step") from None
+                self._plans = None
         return loss
 
     def _step_native(self, plan: _Plan, scaling: dict) -> None:
-        native = plan.native
-        missing = native.missing_state()
-        for i in missing:
-            p, group = plan.params[i], self.param_groups[plan.groups[i]]
-            self._init_state(p, group)
-            self._set_plan_state(native, i, p, group)
-        native.step([self._group_args(g) for g in self.param_groups], scaling["grad_scale"], scaling["found_inf"],
-                    scaling["clip_coef"])
+        group_cls = _extension.load().OptimGroup
+        settings = [group_cls(**self._settings(g, plan.device)) for g in self.param_groups]
+        stepped, on_device, missing = plan.native.step(self.param_groups, self.state, settings, **scaling)
+        if on_device != plan.n_params:
+            raise _Stale
+        if not missing:
+            return
+        params = [self.param_groups[gi]["params"][pi] for gi, pi in missing]
+        for (gi, _), p in zip(missing, params):
+            self._init_state(p, self.param_groups[gi])
+        _, _, still = plan.native.step(self.param_groups, self.state, settings, first_step=missing, **scaling)
+        if still:  # _init_state made what the plan reads: this cannot happen
+            raise RuntimeError(f"fastnn.optim: no state for parameters {still} after initialising it")
+        self._after_first_step(params, scaling)
 
     def _step_lists(self, plan: _Plan, scaling: dict) -> None:
-        by_group: dict[int, list[Tensor]] = {}
-        for p, gi in zip(plan.params, plan.groups):
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"fastnn.optim.{type(self).__name__} does not support sparse gradients; "
-                                   "consider torch.optim.SparseAdam")
-            by_group.setdefault(gi, []).append(p)
-        for gi, params in by_group.items():
-            group = self.param_groups[gi]
-            for p in params:
-                if not self._has_state(p, group):
-                    self._init_state(p, group)
-            self._run_lists(plan.backend, group, params, scaling)
+        calls: list[backends.Args] = []
+        first: list[Tensor] = []
+        on_device = 0
+        for group in self.param_groups:
+            ready, fresh = [], []
+            for p in group["params"]:
+                if p.device != plan.device:
+                    continue
+                on_device += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"fastnn.optim.{type(self).__name__} does not support sparse gradients; "
+                                       "consider torch.optim.SparseAdam")
+                (ready if self._has_state(p, group) else fresh).append(p)
+            for p in fresh:
+                self._init_state(p, group)
+            first += fresh
+            for params, is_first in ((ready, False), (fresh, True)):
+                if params:
+                    calls.append(self._bind_lists(group, params, is_first, scaling))
+        if on_device != plan.n_params:
+            raise _Stale
+        # Every call is checked before the first one runs: a bad tensor changes nothing.
+        for a in calls:
+            self._validate(a)
+        for a in calls:
+            self._op.call(plan.backend, **a)
+        if first:
+            self._after_first_step(first, scaling)
 
     def _clip_coefs(self, plans: list[_Plan], grad_scale: Optional[Tensor]) -> dict[torch.device, Tensor]:
         """The global norm over every device's gradients, and the clip factor on each device."""
@@ -205,12 +250,12 @@ class FusedOptimizerMixin:
         for plan in plans:
             scale = _on(grad_scale, plan.device)
             if plan.native is not None:
-                norm, coef = plan.native.grad_norm(float(self.max_grad_norm), 2.0, scale)
+                norm, coef = plan.native.grad_norm(self.param_groups, float(self.max_grad_norm), 2.0, scale)
             else:
-                grads = [p.grad for p in plan.params if p.grad is not None]
-                norm, coef = _ops.grad_norm_clip_coef.call(
-                    "reference" if plan.backend == "triton" else plan.backend, grads, float(self.max_grad_norm),
-                    2.0, scale) if grads else (torch.zeros((), device=plan.device), torch.ones((), device=plan.device))
+                grads = [p.grad for g in self.param_groups for p in g["params"]
+                         if p.grad is not None and p.device == plan.device]
+                norm, coef = _ops.grad_norm_clip_coef(grads, float(self.max_grad_norm), 2.0, scale) if grads \
+                    else (torch.zeros((), device=plan.device), torch.ones((), device=plan.device))
             norms.append((plan.device, norm, coef))
         if len(norms) == 1:
             device, norm, coef = norms[0]
@@ -231,10 +276,12 @@ def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
     return t.to(device, non_blocking=True)
 
 
-def lr_args(lr: Any) -> tuple[float, Optional[Tensor]]:
-    """(lr as a float, lr tensor or None): a tensor lr is read on its device, never on the host."""
+def lr_args(lr: Any, device: torch.device) -> tuple[float, Optional[Tensor]]:
+    """(lr as a float, lr tensor or None) for a step on ``device``: a tensor lr is read by the
+    kernels where it lives, never synchronised: a CPU one on the host, a device one on the device
+    (moved to ``device`` when it is on another accelerator)."""
     if isinstance(lr, Tensor):
-        return 0.0, lr
+        return 0.0, lr if lr.device.type == "cpu" else _on(lr, device)
     return float(lr), None
 
 

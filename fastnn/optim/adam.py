@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .. import ops as _ops
+from ..ops import optim as _optim_ops
 from ._fused import FusedOptimizerMixin, as_float, lr_args
 
 __all__ = ["Adam", "AdamW"]
@@ -18,6 +19,7 @@ Tensor = torch.Tensor
 class _AdamFamily(FusedOptimizerMixin):
     _kind = "adam"
     _op = _ops.adam_step_
+    _validate = staticmethod(_optim_ops.validate_adam)
     _decoupled: bool
 
     def _is_decoupled(self, group: dict[str, Any]) -> bool:
@@ -25,44 +27,38 @@ class _AdamFamily(FusedOptimizerMixin):
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         # torch's layout and key order; 'step' lives on the parameter's device, as in torch's
-        # fused Adam, so that the kernels read it without a host sync.
+        # fused Adam, so that the kernels read it without a host sync. Entries that exist are kept:
+        # amsgrad switched on after the state was made starts its max from zero.
         state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if state.get("step") is None:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            if state.get(key) is None:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
         state = self.state.get(p)
-        if not state:
-            return False
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            # amsgrad switched on after the state was made: torch starts the max from zero too.
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return True
+        keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        return state is not None and all(state.get(k) is not None for k in keys)
 
-    def _set_plan_state(self, plan: Any, i: int, p: Tensor, group: dict[str, Any]) -> None:
-        s = self.state[p]
-        plan.set_adam_state(i, s["exp_avg"], s["exp_avg_sq"], s.get("max_exp_avg_sq") if group["amsgrad"] else None,
-                            s["step"])
-
-    def _group_args(self, group: dict[str, Any]) -> tuple:
-        lr, lr_tensor = lr_args(group["lr"])
+    def _settings(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        lr, lr_tensor = lr_args(group["lr"], device)
         beta1, beta2 = group["betas"]
-        return (lr, lr_tensor, as_float(beta1), as_float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                bool(group["amsgrad"]), bool(group["maximize"]), self._is_decoupled(group), 0.0, 0.0, False)
+        return dict(lr=lr, lr_tensor=lr_tensor, beta1=as_float(beta1), beta2=as_float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                    maximize=bool(group["maximize"]), decoupled=self._is_decoupled(group))
 
-    def _run_lists(self, backend: str, group: dict[str, Any], params: list[Tensor], scaling: dict) -> None:
+    def _bind_lists(self, group: dict[str, Any], params: list[Tensor], first_step: bool, scaling: dict):
         states = [self.state[p] for p in params]
-        lr, lr_tensor = lr_args(group["lr"])
-        beta1, beta2 = group["betas"]
-        self._op.call(
-            backend, params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states], lr=lr, beta1=as_float(beta1), beta2=as_float(beta2), eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]), amsgrad=bool(group["amsgrad"]),
-            maximize=bool(group["maximize"]), decoupled=self._is_decoupled(group), lr_tensor=lr_tensor, **scaling)
+        settings = self._settings(group, params[0].device)
+        return self._op.bind(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
+            **settings, **scaling)
+
+    def _choose(self, device: torch.device, params: list[Tensor]) -> str:
+        return self._op.choose(params, [], [], [], [], [], lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8,
+                               weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False)
 
 
 class Adam(_AdamFamily, torch.optim.Adam):

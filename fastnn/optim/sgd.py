@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .. import ops as _ops
+from ..ops import optim as _optim_ops
 from ._fused import FusedOptimizerMixin, lr_args
 
 __all__ = ["SGD"]
@@ -22,70 +23,49 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 
     _kind = "sgd"
     _op = _ops.sgd_step_
+    _validate = staticmethod(_optim_ops.validate_sgd)
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, max_grad_norm: Optional[float] = None,
                  **kwargs: Any):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, **kwargs)
-        # Parameters whose momentum buffer was made but not yet filled from a gradient.
-        self._unfilled: set[int] = set()
         self._fastnn_init(max_grad_norm)
 
     def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
-        # Without momentum SGD keeps no state (as torch); with it, the momentum buffer.
+        # Without momentum SGD keeps no state (as torch); with it, the momentum buffer (absent or
+        # None until a step fills it from the gradient, also when momentum is switched on later).
         return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         if group["momentum"] != 0:
-            # Filled with the gradient by the first step (torch: buf = grad.clone()).
-            self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._unfilled.add(id(p))
+            # Set to the gradient by this step (torch: buf = grad.clone()); zeros, never
+            # uninitialised memory, whatever happens to the step.
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _set_plan_state(self, plan: Any, i: int, p: Tensor, group: dict[str, Any]) -> None:
-        if group["momentum"] == 0:
-            plan.set_sgd_state(i, None, False)
-        else:
-            plan.set_sgd_state(i, self.state[p]["momentum_buffer"], id(p) in self._unfilled)
-            self._unfilled.discard(id(p))  # the plan tracks it from here
+    def _after_first_step(self, params: list[Tensor], scaling: dict) -> None:
+        # A skipped step (GradScaler found an inf/NaN gradient) filled nothing: the buffers go
+        # again, so that the state is torch's after a skipped step and the next step fills them.
+        # Reading found_inf synchronises, in this rare call only (new buffers under a GradScaler).
+        found_inf = scaling.get("found_inf")
+        if found_inf is not None and bool(found_inf.item() != 0):
+            for p in params:
+                self.state[p].pop("momentum_buffer", None)
+                if not self.state[p]:
+                    del self.state[p]
 
-    def _build_plans(self):
-        plans = super()._build_plans()
-        # Parameters without momentum need no state: register them with the plan up front.
-        for plan in plans:
-            if plan.native is None:
-                continue
-            for i, (p, gi) in enumerate(zip(plan.params, plan.groups)):
-                if self.param_groups[gi]["momentum"] == 0:
-                    plan.native.set_sgd_state(i, None, False)
-        return plans
+    def _settings(self, group: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        lr, lr_tensor = lr_args(group["lr"], device)
+        return dict(lr=lr, lr_tensor=lr_tensor, weight_decay=float(group["weight_decay"]),
+                    maximize=bool(group["maximize"]), momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]))
 
-    def _group_args(self, group: dict[str, Any]) -> tuple:
-        lr, lr_tensor = lr_args(group["lr"])
-        return (lr, lr_tensor, 0.0, 0.0, 0.0, float(group["weight_decay"]), False, bool(group["maximize"]), False,
-                float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"]))
+    def _bind_lists(self, group: dict[str, Any], params: list[Tensor], first_step: bool, scaling: dict):
+        settings = self._settings(group, params[0].device)
+        bufs = [self.state[p]["momentum_buffer"] for p in params] if settings["momentum"] != 0 else []
+        return self._op.bind(params, [p.grad for p in params], bufs, is_first_step=first_step, **settings,
+                             **scaling)
 
-    def _run_lists(self, backend: str, group: dict[str, Any], params: list[Tensor], scaling: dict) -> None:
-        lr, lr_tensor = lr_args(group["lr"])
-        momentum = float(group["momentum"])
-        kw = dict(lr=lr, momentum=momentum, dampening=float(group["dampening"]),
-                  weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
-                  maximize=bool(group["maximize"]), lr_tensor=lr_tensor, **scaling)
-        if momentum == 0:
-            self._op.call(backend, params, [p.grad for p in params], [], is_first_step=False, **kw)
-            return
-        # Buffers filled from the gradient on their first step, and the others, in two calls.
-        unfilled = [p for p in params if id(p) in self._unfilled]
-        filled = [p for p in params if id(p) not in self._unfilled]
-        for first, part in ((True, unfilled), (False, filled)):
-            if not part:
-                continue
-            self._op.call(backend, part, [p.grad for p in part], [self.state[p]["momentum_buffer"] for p in part],
-                          is_first_step=first, **kw)
-            if first and not _skipped(scaling["found_inf"]):
-                self._unfilled.difference_update(id(p) for p in part)
-
-
-def _skipped(found_inf: Optional[Tensor]) -> bool:
-    # Only read (a sync) in the rare call that fills new momentum buffers under a GradScaler.
-    return found_inf is not None and bool(found_inf.item() != 0)
+    def _choose(self, device: torch.device, params: list[Tensor]) -> str:
+        return self._op.choose(params, [], [], lr=0.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                               nesterov=False, maximize=False, is_first_step=False)

@@ -47,9 +47,20 @@ def adam_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
                clip_coef: torch.Tensor | None = None) -> None:
     """One Adam (``decoupled=False``) or AdamW (``decoupled=True``) step over every tensor, in place.
 
-    ``steps[i]`` is incremented first; ``max_exp_avg_sqs`` is empty unless ``amsgrad``. A nonzero
-    ``found_inf`` skips the whole step (nothing changes); ``grad_scale`` divides the gradients
-    (written back unscaled); ``clip_coef`` multiplies them (not written back).
+    Args:
+        params: the parameters, float32/float64/bfloat16/float16, any shape, on one device.
+        grads, exp_avgs, exp_avg_sqs: one per parameter, with its shape, dtype and device.
+        max_exp_avg_sqs: one per parameter when ``amsgrad``, else empty.
+        steps: one float32 scalar per parameter, on its device; incremented first.
+        lr, beta1, beta2, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``
+            (lr and weight_decay may take any value, as torch.optim's step accepts).
+        lr_tensor: a one-element tensor used instead of ``lr`` (CPU, or the parameters' device).
+        grad_scale, found_inf, clip_coef: optional float32 scalars (CPU, or the parameters'
+            device). A nonzero ``found_inf`` skips the whole step (nothing changes); ``grad_scale``
+            divides the gradients (written back unscaled); ``clip_coef`` multiplies them (not
+            written back).
+
+    Math is float32 (float64 for float64 tensors); bias corrections in float64, as torch.
     """
     if _skip(found_inf):
         return
@@ -88,8 +99,15 @@ def sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_bu
               *, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
               is_first_step: bool, lr_tensor: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
               found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None) -> None:
-    """One SGD step, in place. ``momentum_buffers`` is empty when ``momentum == 0``; on the first step
-    (``is_first_step``) each buffer is set to the gradient, as ``torch.optim.SGD`` does."""
+    """One SGD step over every tensor, in place.
+
+    Args:
+        params, grads: as in :func:`adam_step_`.
+        momentum_buffers: one per parameter when ``momentum != 0`` (else empty); with
+            ``is_first_step`` each buffer is set to the gradient, as ``torch.optim.SGD`` does.
+        lr, momentum, dampening, weight_decay, nesterov, maximize: as in ``torch.optim.SGD``.
+        lr_tensor, grad_scale, found_inf, clip_coef: as in :func:`adam_step_`.
+    """
     if _skip(found_inf):
         return
     lr_v = _lr(lr, lr_tensor)

@@ -41,6 +41,17 @@ def _compare(actual_lists, expected_lists, dtype):
             testing.assert_close(a, e, dtype=a.dtype if a.dtype != dtype else dtype)
 
 
+def _step_with_reference(backend, op, reference, args, kw):
+    """Runs ``op`` on ``backend`` (skipping when it cannot serve the inputs) and ``reference`` on a
+    copy of ``args``; returns the copy."""
+    testing.backend_or_skip(op, backend, *args, **kw)
+    expected = _clone(args)
+    with backends.force(backend):
+        op(*args, **kw)
+    reference(*expected, **kw)
+    return expected
+
+
 ADAM_OPTIONS = [
     dict(amsgrad=False, maximize=False, decoupled=False, weight_decay=0.0),
     dict(amsgrad=True, maximize=False, decoupled=False, weight_decay=0.1),
@@ -54,11 +65,7 @@ ADAM_OPTIONS = [
 def test_adam_step_matches_reference(backend, device_for, dtype, options):
     args = _adam_args(dtype, device_for, options["amsgrad"])
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, **options)
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     _compare(args, expected, dtype)
 
 
@@ -89,6 +96,30 @@ def test_adam_step_scaling_inputs(backend, device_for, scaling):
         testing.assert_close(args[1][2], before[1][2] / 1024.0)
 
 
+def test_adam_precision_of_betas_near_one(backend, device_for):
+    """beta2 = 0.999999 at large and small steps: 1 - beta2 and the bias corrections are computed in
+    float64 as torch does (in float32 they were 1% off on Triton and CUDA)."""
+    args = _adam_args(torch.float32, device_for, amsgrad=False, shapes=[(33,), (7,)])
+    args[5] = [torch.tensor(0.0, device=device_for), torch.tensor(250_000.0, device=device_for)]
+    kw = dict(lr=1e-2, beta1=0.999999, beta2=0.999999, eps=1e-12, weight_decay=0.0, amsgrad=False,
+              maximize=False, decoupled=False)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
+    _compare(args, expected, torch.float32)
+
+
+def test_amsgrad_max_propagates_nan(backend, device_for):
+    """A NaN in the running max stays NaN, and a NaN second moment becomes the max, as
+    torch.maximum does (Triton's tl.maximum used to drop it)."""
+    args = _adam_args(torch.float32, device_for, amsgrad=True, shapes=[(6,)])
+    args[4][0][1] = float("nan")  # max_exp_avg_sq
+    args[3][0][4] = float("nan")  # exp_avg_sq
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=True, maximize=False,
+              decoupled=False)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
+    assert args[4][0].isnan().tolist() == expected[4][0].isnan().tolist() == [False, True, False, False, True, False]
+    _compare(args, expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("variant", ["plain", "momentum", "nesterov", "dampening-maximize"])
@@ -101,11 +132,7 @@ def test_sgd_step_matches_reference(backend, device_for, dtype, first, variant):
     grads = _tensors(SHAPES, dtype, device_for)
     bufs = _tensors(SHAPES, dtype, device_for) if momentum else []
     args = [params, grads, bufs]
-    testing.backend_or_skip(ops.sgd_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.sgd_step_(*args, **kw)
-    ref.sgd_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.sgd_step_, ref.sgd_step_, args, kw)
     _compare(args, expected, dtype)
 
 
@@ -116,11 +143,7 @@ def test_non_contiguous_tensors(backend, device_for):
     args = [[params], [grads], [ms], [vs], [], [torch.tensor(1.0, device=device_for)]]
     kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
               decoupled=False)
-    testing.backend_or_skip(ops.adam_step_, backend, *args, **kw)
-    expected = _clone(args)
-    with backends.force(backend):
-        ops.adam_step_(*args, **kw)
-    ref.adam_step_(*expected, **kw)
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
     _compare(args, expected, torch.float32)
     assert args[0][0].stride() == (1, 7), "the parameter keeps its layout"
 
@@ -170,7 +193,7 @@ def _one_adam(**over):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(lr=-1.0), "'lr'"),
+    (dict(eps=-1.0), "'adam_step: eps'"),
     (dict(beta1=1.0), "'beta1'"),
     (dict(beta2=-0.1), "'beta2'"),
     (dict(grads=[torch.randn(5)]), "'grads[0]'"),
@@ -186,9 +209,11 @@ def _one_adam(**over):
 @pytest.mark.parametrize("backend_name", ["reference", "cpu"])
 def test_adam_bad_input_names_the_argument(bad, message, backend_name):
     args, kw = _one_adam(**bad)
-    testing.backend_or_skip(ops.adam_step_, backend_name, [torch.randn(4)])
+    ok_args, ok_kw = _one_adam()
+    testing.backend_or_skip(ops.adam_step_, backend_name, *ok_args, **ok_kw)
     before = [t.clone() for t in args[0]]
-    with pytest.raises((ValueError, RuntimeError), match=message.replace("[", r"\[").replace("]", r"\]")):
+    # fastnn: argument 'adam_step: <name>': ... (the op's name, then the argument's)
+    with pytest.raises((ValueError, RuntimeError), match=message.lstrip("'").replace("[", r"\[").replace("]", r"\]")):
         with backends.force(backend_name):
             ops.adam_step_(*args, **kw)
     for b, a in zip(before, args[0]):
@@ -229,3 +254,62 @@ def test_opcheck(which):
         testing.backend_or_skip(ops.adam_step_, "triton", *args, **kw)
         testing.opcheck(torch.ops.fastnn.triton_adam_step_.default, tuple(args), kw)
         testing.opcheck(torch.ops.fastnn.triton_sgd_step_.default, sgd, sgd_kw)
+
+
+# -- devices and precision (each also runs on the cuda and GPU triton backends where a GPU is) -------
+
+def test_grad_norm_of_float64_gradients_beyond_float_range(backend, device_for):
+    """float64 gradients are reduced in float64, as torch does: squares of 1e20 overflow float."""
+    grads = [torch.full((3000,), 1e20, dtype=torch.float64, device=device_for),
+             torch.full((5,), -2e20, dtype=torch.float64, device=device_for)]
+    testing.backend_or_skip(ops.grad_norm_clip_coef, backend, grads, 1.0)
+    with backends.force(backend):
+        norm, coef = ops.grad_norm_clip_coef(grads, 1.0)
+    want = torch.cat(grads).norm()
+    assert torch.isfinite(norm) and torch.isclose(norm.double(), want, rtol=1e-6)
+    assert coef.item() == pytest.approx(1.0 / want.item(), rel=1e-5)
+
+
+def test_scalar_inputs_on_the_cpu(backend, device_for):
+    """grad_scale, found_inf, clip_coef and a tensor lr living on the CPU while the parameters are
+    on the device: read or moved as torch's fused optimizers do (Triton took their CPU addresses)."""
+    args = _adam_args(torch.float32, device_for, amsgrad=False, shapes=[(40,), (3, 5)])
+    kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=False,
+              decoupled=True, lr_tensor=torch.tensor(3e-3), grad_scale=torch.tensor(8.0),
+              found_inf=torch.tensor(0.0), clip_coef=torch.tensor(0.5))
+    expected = _step_with_reference(backend, ops.adam_step_, ref.adam_step_, args, kw)
+    _compare(args, expected, torch.float32)
+
+
+def _two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_launch_on_the_tensors_device(backend_name):
+    """Parameters on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (its stream)."""
+    _two_gpus()
+    args = _adam_args(torch.float32, torch.device("cuda:1"), amsgrad=True, shapes=[(70_000,), (33,)])
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, amsgrad=True, maximize=False,
+              decoupled=True, grad_scale=torch.tensor(2.0, device="cuda:1"))
+    testing.backend_or_skip(ops.adam_step_, backend_name, *args, **kw)
+    expected = _clone(args)
+    with torch.cuda.device(0), backends.force(backend_name):
+        ops.adam_step_(*args, **kw)
+        norm, _ = ops.grad_norm_clip_coef(args[1], 1.0)
+    ref.adam_step_(*expected, **kw)
+    torch.cuda.synchronize(1)
+    _compare(args, expected, torch.float32)
+    assert norm.device == torch.device("cuda:1")
+
+
+@pytest.mark.gpu
+def test_lr_tensor_on_another_device_is_rejected_by_the_compiled_op():
+    _two_gpus()
+    args = _adam_args(torch.float32, torch.device("cuda:0"), amsgrad=False, shapes=[(8,)])
+    kw = dict(lr=0.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+              decoupled=False, lr_tensor=torch.tensor(1e-3, device="cuda:1"))
+    with pytest.raises(ValueError, match="lr_tensor"):
+        torch.ops.fastnn.adam_step_(*args, **kw)

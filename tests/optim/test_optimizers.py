@@ -77,7 +77,9 @@ def assert_models_close(a, b, dtype=torch.float32):
 
 def optim_backend_or_skip(backend, device):
     p = torch.zeros(1, device=device)
-    testing.backend_or_skip(fastnn.ops.adam_step_, backend, [p])
+    testing.backend_or_skip(fastnn.ops.adam_step_, backend, [p], [p], [p], [p], [], [torch.zeros((), device=device)],
+                            lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                            decoupled=False)
 
 
 @pytest.mark.parametrize("name, torch_cls, fastnn_cls, opts", CONFIGS, ids=IDS)
