@@ -224,18 +224,6 @@ class _Binder:
         return bound
 
 
-class _LegacyBinder:
-    """TEMPORARY: the call's raw arguments, for ops not yet given a signature."""
-
-    class Raw(Args):
-        pass
-
-    def __call__(self, args: tuple, kwargs: dict) -> Args:
-        raw = self.Raw()
-        raw.args, raw.kwargs = args, kwargs  # type: ignore[attr-defined]
-        return raw
-
-
 def _first_tensor_device(a: Args) -> torch.device:
     return device_of(*a.values())
 
@@ -253,7 +241,7 @@ class Op:
     with the bound arguments as keywords.
     """
 
-    def __init__(self, name: str, *, signature: Callable[..., Any] | None = None, validate: Callable[[Args], None] | None = None,
+    def __init__(self, name: str, *, signature: Callable[..., Any], validate: Callable[[Args], None] | None = None,
                  device: Callable[[Args], torch.device] | None = None,
                  preference: dict[str, tuple[str, ...]] | None = None):
         self.name = name
@@ -261,13 +249,6 @@ class Op:
         self._validate = validate
         self.preference = dict(DEFAULT_PREFERENCE, **(preference or {}))
         self.__name__ = name
-        if signature is None:  # TEMPORARY legacy protocol, removed once every family passes signature=
-            self._bind = _LegacyBinder()
-            dev = device or (lambda *a, **k: device_of(*a, *k.values()))
-            self._device = lambda a: dev(*a.args, **a.kwargs)
-            self._legacy = True
-            return
-        self._legacy = False
         self._bind = _Binder(name, signature)
         self._device = device or _first_tensor_device
         self.__signature__ = self._bind.signature
@@ -275,8 +256,6 @@ class Op:
         self._update_doc()
 
     def _update_doc(self) -> None:
-        if self._legacy:
-            return
         backends = ", ".join(b for b in BACKENDS if b in self.impls) or "none registered yet"
         self.__doc__ = (f"{self.name}{self._bind.signature}\n\n{self._doc}\n\n"
                         f"Backends: {backends} (chosen per call by fastnn.backends; FASTNN_BACKEND forces one).")
@@ -308,7 +287,7 @@ class Op:
             return f"fastnn has no {backend} implementation of {self.name}"
         why = _generic_reason(backend, self._device(a), impl.native)
         if why is None and impl.supports is not None:
-            why = impl.supports(*a.args, **a.kwargs) if self._legacy else impl.supports(a)
+            why = impl.supports(a)
         return why
 
     def _choose(self, a: Args) -> str:
@@ -327,6 +306,10 @@ class Op:
                 return backend
             reasons.append(f"{backend}: {why}")
         raise BackendError(f"fastnn: no backend can run {self.name} on these inputs ({'; '.join(reasons)})")
+
+    def validate(self, *args: Any, **kwargs: Any) -> Args:
+        """Bind and validate a call's arguments without running it (raises as the call would)."""
+        return self._checked(args, kwargs)
 
     def _checked(self, args: tuple, kwargs: dict) -> Args:
         a = self._bind(args, kwargs)
@@ -356,8 +339,7 @@ class Op:
         return self._run(backend, a)
 
     def _run(self, backend: str, a: Args) -> Any:
-        fn = self.impls[backend].fn
-        return fn(*a.args, **a.kwargs) if self._legacy else fn(**a)
+        return self.impls[backend].fn(**a)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         a = self._checked(args, kwargs)
