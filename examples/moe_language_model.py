@@ -6,7 +6,7 @@ with the Hugging Face-style per-expert loop (same parameters, same routing), and
 reports loss, tokens per second and expert utilisation for both, and how far apart their loss
 curves are (they start equal; rounding differences may later pick different experts).
 
-    python examples/moe_language_model.py --quick               # smoke test, seconds
+    python examples/moe_language_model.py --quick               # smoke test, about a minute on 2 cores
     python examples/moe_language_model.py --steps 60            # CPU, about a minute or two
     python examples/moe_language_model.py --device cuda --steps 300 --dtype bfloat16
 """

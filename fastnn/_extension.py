@@ -155,3 +155,5 @@ def _int8_isa() -> str | None:
         return torch.ops.fastnn.quantized_isa()
     except (AttributeError, RuntimeError):
         return None
+    except ValueError as exc:  # FASTNN_CPU_ISA names a variant this CPU cannot run: say so, don't raise
+        return f"none: {exc}"

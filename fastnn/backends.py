@@ -282,6 +282,8 @@ class Op:
         return self._bind(args, kwargs)
 
     def _reason(self, backend: str, a: Args) -> str | None:
+        if backend == "triton":
+            triton_available()  # registers the families' Triton implementations on first use (on_triton)
         impl = self.impls.get(backend)
         if impl is None:
             return f"fastnn has no {backend} implementation of {self.name}"
@@ -328,6 +330,7 @@ class Op:
     def available(self, *args: Any, **kwargs: Any) -> list[str]:
         """Every backend that can serve these inputs (for tests and benchmarks)."""
         a = self._bind(args, kwargs)
+        triton_available()  # registers the families' Triton implementations on first use (on_triton)
         return [b for b in BACKENDS if b in self.impls and self._reason(b, a) is None]
 
     def call(self, backend: str, *args: Any, **kwargs: Any) -> Any:
