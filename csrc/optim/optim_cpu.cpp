@@ -92,22 +92,41 @@ struct Ptrs {
         x(s.max_exp_avg_sq.defined() ? s.max_exp_avg_sq.data_ptr<scalar_t>() : nullptr) {}
 };
 
-template <typename scalar_t>
+// prepare_grad (math.h) with the factors of one call in the math type T of a range.
+template <typename T>
+struct GradPrepIn {
+  bool unscale, do_mult;
+  T scale, mult;
+  explicit GradPrepIn(const GradPrep& p)
+      : unscale(p.unscale), do_mult(p.mult != 1.0), scale((T)p.grad_scale), mult((T)p.mult) {}
+  template <typename G>
+  G operator()(G& g) const { return prepare_grad(g, unscale, scale, do_mult, mult); }
+};
+
+// Runs vec(i) for each full vector of Lanes<scalar_t> in [begin, end), then one(i) for each
+// element of the rest.
+template <typename scalar_t, typename VecFn, typename OneFn>
+void for_lanes(int64_t begin, int64_t end, const VecFn& vec, const OneFn& one) {
+  constexpr int64_t width = Lanes<scalar_t>::kWidth;
+  int64_t i = begin;
+  for (; i + width <= end; i += width) vec(i);
+  for (; i < end; ++i) one(i);
+}
+
+// The update of elements [begin, end) of one tensor (callers name scalar_t only; L and opmath_t
+// are its vector lanes and math type).
+template <typename scalar_t, typename L = Lanes<scalar_t>, typename opmath_t = at::opmath_type<scalar_t>>
 void adam_range(const Slot& s, const AdamCoeffs<double>& cd, AdamFlags f, GradPrep prep,
                 int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using L = Lanes<scalar_t>;
   using V = typename L::Vec;
   const AdamCoeffs<opmath_t> c{(opmath_t)cd.lr,           (opmath_t)cd.beta1,
                                (opmath_t)cd.beta2,        (opmath_t)cd.one_minus_beta1,
                                (opmath_t)cd.one_minus_beta2, (opmath_t)cd.eps,
                                (opmath_t)cd.weight_decay, (opmath_t)cd.decay_factor,
                                (opmath_t)cd.step_size,    (opmath_t)cd.bias_correction2_sqrt};
-  const opmath_t scale = (opmath_t)prep.grad_scale, mult = (opmath_t)prep.mult;
-  const bool do_mult = prep.mult != 1.0;
+  const GradPrepIn<opmath_t> grad_of(prep);
   Ptrs<scalar_t> ptr(s);
-  int64_t i = begin;
-  for (; i + L::kWidth <= end; i += L::kWidth) {
+  for_lanes<scalar_t>(begin, end, [&](int64_t i) {
     V p[L::kParts], g[L::kParts], m[L::kParts], v[L::kParts], x[L::kParts];
     L::load(ptr.p + i, p);
     L::load(ptr.g + i, g);
@@ -115,7 +134,7 @@ void adam_range(const Slot& s, const AdamCoeffs<double>& cd, AdamFlags f, GradPr
     L::load(ptr.v + i, v);
     if (f.amsgrad) L::load(ptr.x + i, x);
     for (int k = 0; k < L::kParts; ++k) {
-      const V gk = prepare_grad(g[k], prep.unscale, scale, do_mult, mult);
+      const V gk = grad_of(g[k]);
       adam_update<V, VecOps<V>>(p[k], gk, m[k], v[k], x[k], c, f);
     }
     L::store(ptr.p + i, p);
@@ -123,54 +142,48 @@ void adam_range(const Slot& s, const AdamCoeffs<double>& cd, AdamFlags f, GradPr
     L::store(ptr.v + i, v);
     if (f.amsgrad) L::store(ptr.x + i, x);
     if (prep.unscale) L::store(ptr.g + i, g);
-  }
-  for (; i < end; ++i) {
+  }, [&](int64_t i) {
     opmath_t p = ptr.p[i], g = ptr.g[i], m = ptr.m[i], v = ptr.v[i];
     opmath_t x = f.amsgrad ? (opmath_t)ptr.x[i] : opmath_t(0);
-    const opmath_t gk = prepare_grad(g, prep.unscale, scale, do_mult, mult);
+    const opmath_t gk = grad_of(g);
     if (prep.unscale) ptr.g[i] = (scalar_t)g;
     adam_update<opmath_t, ScalarOps<opmath_t>>(p, gk, m, v, x, c, f);
     ptr.p[i] = (scalar_t)p;
     ptr.m[i] = (scalar_t)m;
     ptr.v[i] = (scalar_t)v;
     if (f.amsgrad) ptr.x[i] = (scalar_t)x;
-  }
+  });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename L = Lanes<scalar_t>, typename opmath_t = at::opmath_type<scalar_t>>
 void sgd_range(const Slot& s, const SgdCoeffs<double>& cd, SgdFlags f, GradPrep prep,
                int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using L = Lanes<scalar_t>;
   using V = typename L::Vec;
   const SgdCoeffs<opmath_t> c{(opmath_t)cd.lr, (opmath_t)cd.momentum,
                               (opmath_t)cd.one_minus_dampening, (opmath_t)cd.weight_decay};
-  const opmath_t scale = (opmath_t)prep.grad_scale, mult = (opmath_t)prep.mult;
-  const bool do_mult = prep.mult != 1.0;
+  const GradPrepIn<opmath_t> grad_of(prep);
   Ptrs<scalar_t> ptr(s);
-  int64_t i = begin;
-  for (; i + L::kWidth <= end; i += L::kWidth) {
+  for_lanes<scalar_t>(begin, end, [&](int64_t i) {
     V p[L::kParts], g[L::kParts], b[L::kParts];
     L::load(ptr.p + i, p);
     L::load(ptr.g + i, g);
     if (f.momentum && !f.first_step) L::load(ptr.m + i, b);
     for (int k = 0; k < L::kParts; ++k) {
-      const V gk = prepare_grad(g[k], prep.unscale, scale, do_mult, mult);
+      const V gk = grad_of(g[k]);
       sgd_update<V>(p[k], gk, b[k], c, f);
     }
     L::store(ptr.p + i, p);
     if (f.momentum) L::store(ptr.m + i, b);
     if (prep.unscale) L::store(ptr.g + i, g);
-  }
-  for (; i < end; ++i) {
+  }, [&](int64_t i) {
     opmath_t p = ptr.p[i], g = ptr.g[i];
     opmath_t b = (f.momentum && !f.first_step) ? (opmath_t)ptr.m[i] : opmath_t(0);
-    const opmath_t gk = prepare_grad(g, prep.unscale, scale, do_mult, mult);
+    const opmath_t gk = grad_of(g);
     if (prep.unscale) ptr.g[i] = (scalar_t)g;
     sgd_update<opmath_t>(p, gk, b, c, f);
     ptr.p[i] = (scalar_t)p;
     if (f.momentum) ptr.m[i] = (scalar_t)b;
-  }
+  });
 }
 
 // max that propagates NaN, as torch's inf-norm does.

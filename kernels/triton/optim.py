@@ -82,6 +82,39 @@ def _nan_max(a, b):
 
 
 @triton.jit
+def _skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """Whether this step is skipped: found_inf is set (GradScaler saw an inf/NaN gradient)."""
+    skip = False
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0
+    return skip
+
+
+@triton.jit
+def _chunk(table, numels, chunk_tensor, chunk_start, COLS: tl.constexpr):
+    """This program's chunk: its first element, the size of its tensor, and that tensor's row of
+    the COLS-column address table."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_tensor + c)
+    return tl.load(chunk_start + c), tl.load(numels + t), table + t * COLS
+
+
+@triton.jit
+def _ptr(row, col, DTYPE: tl.constexpr):
+    """Column col of an address table row, as a pointer to DTYPE."""
+    return tl.load(row + col).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _learning_rate(lr, lr_ptr, HAS_LR_TENSOR: tl.constexpr):
+    """The scalar lr, or the value of the lr tensor when one is given (read on the device)."""
+    lr_v = lr
+    if HAS_LR_TENSOR:
+        lr_v = tl.load(lr_ptr).to(tl.float32)
+    return lr_v
+
+
+@triton.jit
 def _adam_chunks(table, numels, chunk_tensor, chunk_start,
                  lr_ptr, grad_scale_ptr, found_inf_ptr, clip_ptr,
                  lr, beta2, one_minus_beta1, one_minus_beta2, beta1_hi, beta1_lo, beta2_hi, beta2_lo, eps,
@@ -89,23 +122,15 @@ def _adam_chunks(table, numels, chunk_tensor, chunk_start,
                  DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
                  HAS_LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
                  HAS_CLIP: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr):
-    c = tl.program_id(0)
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr) != 0
-    if not skip:
-        t = tl.load(chunk_tensor + c)
-        start = tl.load(chunk_start + c)
-        n = tl.load(numels + t)
-        p_ptr = tl.load(table + t * 6 + 0).to(tl.pointer_type(DTYPE))
-        g_ptr = tl.load(table + t * 6 + 1).to(tl.pointer_type(DTYPE))
-        m_ptr = tl.load(table + t * 6 + 2).to(tl.pointer_type(DTYPE))
-        v_ptr = tl.load(table + t * 6 + 3).to(tl.pointer_type(DTYPE))
-        x_ptr = tl.load(table + t * 6 + 4).to(tl.pointer_type(DTYPE))
-        step = tl.load(tl.load(table + t * 6 + 5).to(tl.pointer_type(tl.float32)))
-        lr_v = lr
-        if HAS_LR_TENSOR:
-            lr_v = tl.load(lr_ptr).to(tl.float32)
+    if not _skipped(found_inf_ptr, HAS_FOUND_INF):
+        start, n, row = _chunk(table, numels, chunk_tensor, chunk_start, 6)
+        p_ptr = _ptr(row, 0, DTYPE)
+        g_ptr = _ptr(row, 1, DTYPE)
+        m_ptr = _ptr(row, 2, DTYPE)
+        v_ptr = _ptr(row, 3, DTYPE)
+        x_ptr = _ptr(row, 4, DTYPE)
+        step = tl.load(_ptr(row, 5, tl.float32))
+        lr_v = _learning_rate(lr, lr_ptr, HAS_LR_TENSOR)
         bc1 = 1.0 - _pow64(beta1_hi, beta1_lo, step)
         bc2_sqrt = tl.sqrt(1.0 - _pow64(beta2_hi, beta2_lo, step)).to(tl.float32)
         step_size = (lr_v / bc1).to(tl.float32)
@@ -144,20 +169,12 @@ def _sgd_chunks(table, numels, chunk_tensor, chunk_start,
                 DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                 FIRST_STEP: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_FOUND_INF: tl.constexpr, HAS_CLIP: tl.constexpr, CHUNK_: tl.constexpr, BLOCK_: tl.constexpr):
-    c = tl.program_id(0)
-    skip = False
-    if HAS_FOUND_INF:
-        skip = tl.load(found_inf_ptr) != 0
-    if not skip:
-        t = tl.load(chunk_tensor + c)
-        start = tl.load(chunk_start + c)
-        n = tl.load(numels + t)
-        p_ptr = tl.load(table + t * 3 + 0).to(tl.pointer_type(DTYPE))
-        g_ptr = tl.load(table + t * 3 + 1).to(tl.pointer_type(DTYPE))
-        b_ptr = tl.load(table + t * 3 + 2).to(tl.pointer_type(DTYPE))
-        lr_v = lr
-        if HAS_LR_TENSOR:
-            lr_v = tl.load(lr_ptr).to(tl.float32)
+    if not _skipped(found_inf_ptr, HAS_FOUND_INF):
+        start, n, row = _chunk(table, numels, chunk_tensor, chunk_start, 3)
+        p_ptr = _ptr(row, 0, DTYPE)
+        g_ptr = _ptr(row, 1, DTYPE)
+        b_ptr = _ptr(row, 2, DTYPE)
+        lr_v = _learning_rate(lr, lr_ptr, HAS_LR_TENSOR)
         for i in range(0, tl.minimum(CHUNK_, n - start), BLOCK_):  # the last chunk may be short
             offs = start + i + tl.arange(0, BLOCK_)
             mask = offs < n
@@ -184,11 +201,8 @@ def _sgd_chunks(table, numels, chunk_tensor, chunk_start,
 def _norm_chunks(table, numels, chunk_tensor, chunk_start, partial, DTYPE: tl.constexpr, INF_NORM: tl.constexpr,
                  CHUNK_: tl.constexpr, BLOCK_: tl.constexpr):
     """partial[c] = sum of squares (or max of |x|, NaN if any) over chunk c, in float32."""
-    c = tl.program_id(0)
-    t = tl.load(chunk_tensor + c)
-    start = tl.load(chunk_start + c)
-    n = tl.load(numels + t)
-    g_ptr = tl.load(table + t).to(tl.pointer_type(DTYPE))
+    start, n, row = _chunk(table, numels, chunk_tensor, chunk_start, 1)
+    g_ptr = _ptr(row, 0, DTYPE)
     acc = tl.zeros([BLOCK_], tl.float32)
     for i in range(0, tl.minimum(CHUNK_, n - start), BLOCK_):
         offs = start + i + tl.arange(0, BLOCK_)
@@ -201,7 +215,7 @@ def _norm_chunks(table, numels, chunk_tensor, chunk_start, partial, DTYPE: tl.co
         r = tl.where(tl.sum((acc != acc).to(tl.int32)) > 0, float("nan"), tl.max(acc))
     else:
         r = tl.sum(acc)
-    tl.store(partial + c, r)
+    tl.store(partial + tl.program_id(0), r)
 
 
 # Device tables by (what, device) -> (host content, device tensors); a few entries, least recently

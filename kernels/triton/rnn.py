@@ -76,44 +76,97 @@ def _biases(b_ih_ptr, b_hh_ptr, off, cols, cmask, HAS_B_IH: tl.constexpr, HAS_B_
 
 
 @triton.jit
+def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's tile: its batch rows, hidden columns, their in-bounds mask and [B, H] offsets."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (rows[:, None] < B) & (cols < H)[None, :]
+    return rows, cols, mask, rows[:, None] * H + cols[None, :]
+
+
+@triton.jit
+def _preact(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, off, rows, cols, B, I, H,
+            FROM_X: tl.constexpr, FROM_H: tl.constexpr, HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr,
+            PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One gate's pre-activation in fp32 (weight rows `off`..): x W_ih^T + b_ih if FROM_X, plus
+    h W_hh^T + b_hh if FROM_H; the two biases are summed before they are added, as one."""
+    cmask = cols < H
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if FROM_X:
+        acc = _gate_products(acc, x_ptr, I, w_ih_ptr, I, off, rows, cols, B, H, BLOCK_K, PRECISION)
+    if FROM_H:
+        acc = _gate_products(acc, h_ptr, H, w_hh_ptr, H, off, rows, cols, B, H, BLOCK_K, PRECISION)
+    if FROM_X and FROM_H:
+        acc += _biases(b_ih_ptr, b_hh_ptr, off, cols, cmask, HAS_B_IH, HAS_B_HH)
+    elif FROM_X:
+        acc += _bias(b_ih_ptr, off, cols, cmask, HAS_B_IH)
+    else:
+        acc += _bias(b_hh_ptr, off, cols, cmask, HAS_B_HH)
+    return acc
+
+
+@triton.jit
+def _preacts(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, rows, cols, B, I, H, GRU: tl.constexpr,
+             HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The cell's four fp32 pre-activations. LSTM: i, f, g, o (both products and both biases each).
+    GRU: r, z, then n's input half (x W_in^T + b_in) and hidden half (h W_hn^T + b_hn) apart, since
+    r scales only the hidden half."""
+    a = _preact(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, 0 * H, rows, cols, B, I, H,
+                True, True, HAS_B_IH, HAS_B_HH, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    b = _preact(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, 1 * H, rows, cols, B, I, H,
+                True, True, HAS_B_IH, HAS_B_HH, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    c = _preact(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, 2 * H, rows, cols, B, I, H,
+                True, not GRU, HAS_B_IH, HAS_B_HH, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    d = _preact(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, (2 if GRU else 3) * H, rows, cols, B, I, H,
+                not GRU, True, HAS_B_IH, HAS_B_HH, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    return a, b, c, d
+
+
+@triton.jit
+def _store4(ws, mask, H, a, b, c, d):
+    """a, b, c, d into the first four H-wide column blocks of the workspace rows `ws` points at."""
+    tl.store(ws, a, mask=mask)
+    tl.store(ws + H, b, mask=mask)
+    tl.store(ws + 2 * H, c, mask=mask)
+    tl.store(ws + 3 * H, d, mask=mask)
+
+
+@triton.jit
+def _elements(N, H, BLOCK: tl.constexpr):
+    """This program's elements of a [B, H] state: flat index, in-bounds mask, batch row, column."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return idx, idx < N, idx // H, idx % H
+
+
+@triton.jit
+def _load4(ws, mask, H):
+    """The first four H-wide column blocks of the workspace rows `ws` points at."""
+    a = tl.load(ws, mask=mask, other=0.0)
+    b = tl.load(ws + H, mask=mask, other=0.0)
+    c = tl.load(ws + 2 * H, mask=mask, other=0.0)
+    d = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    return a, b, c, d
+
+
+@triton.jit
 def lstm_cell_fwd(x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, cy_ptr, ws_ptr,
                   B, I, H, HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_i = _gate_products(acc_i, x_ptr, I, w_ih_ptr, I, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_f = _gate_products(acc_f, x_ptr, I, w_ih_ptr, I, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_g = _gate_products(acc_g, x_ptr, I, w_ih_ptr, I, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_o = _gate_products(acc_o, x_ptr, I, w_ih_ptr, I, 3 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_i = _gate_products(acc_i, h_ptr, H, w_hh_ptr, H, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_f = _gate_products(acc_f, h_ptr, H, w_hh_ptr, H, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_g = _gate_products(acc_g, h_ptr, H, w_hh_ptr, H, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_o = _gate_products(acc_o, h_ptr, H, w_hh_ptr, H, 3 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    cmask = cols < H
-    acc_i += _biases(b_ih_ptr, b_hh_ptr, 0 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
-    acc_f += _biases(b_ih_ptr, b_hh_ptr, 1 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
-    acc_g += _biases(b_ih_ptr, b_hh_ptr, 2 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
-    acc_o += _biases(b_ih_ptr, b_hh_ptr, 3 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
+    rows, cols, mask, offs = _tile(B, H, BLOCK_B, BLOCK_H)
+    acc_i, acc_f, acc_g, acc_o = _preacts(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, rows, cols, B, I, H,
+                                          False, HAS_B_IH, HAS_B_HH, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     i = _sigmoid(acc_i)
     f = _sigmoid(acc_f)
     g = _tanh(acc_g)
     o = _sigmoid(acc_o)
-    mask = (rows[:, None] < B) & cmask[None, :]
-    offs = rows[:, None] * H + cols[None, :]
     c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c2 = f * c + i * g
     h2 = o * _tanh(c2)
     tl.store(hy_ptr + offs, h2.to(hy_ptr.dtype.element_ty), mask=mask)
     tl.store(cy_ptr + offs, c2.to(cy_ptr.dtype.element_ty), mask=mask)
     ws = ws_ptr + rows[:, None] * (5 * H) + cols[None, :]
-    tl.store(ws, i, mask=mask)
-    tl.store(ws + H, f, mask=mask)
-    tl.store(ws + 2 * H, g, mask=mask)
-    tl.store(ws + 3 * H, o, mask=mask)
+    _store4(ws, mask, H, i, f, g, o)
     tl.store(ws + 4 * H, c2, mask=mask)
 
 
@@ -121,50 +174,25 @@ def lstm_cell_fwd(x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, h
 def gru_cell_fwd(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, hy_ptr, ws_ptr,
                  B, I, H, HAS_B_IH: tl.constexpr, HAS_B_HH: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_xn = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_hn = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    acc_r = _gate_products(acc_r, x_ptr, I, w_ih_ptr, I, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_z = _gate_products(acc_z, x_ptr, I, w_ih_ptr, I, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_xn = _gate_products(acc_xn, x_ptr, I, w_ih_ptr, I, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_r = _gate_products(acc_r, h_ptr, H, w_hh_ptr, H, 0 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_z = _gate_products(acc_z, h_ptr, H, w_hh_ptr, H, 1 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    acc_hn = _gate_products(acc_hn, h_ptr, H, w_hh_ptr, H, 2 * H, rows, cols, B, H, BLOCK_K, PRECISION)
-    cmask = cols < H
-    acc_r += _biases(b_ih_ptr, b_hh_ptr, 0 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
-    acc_z += _biases(b_ih_ptr, b_hh_ptr, 1 * H, cols, cmask, HAS_B_IH, HAS_B_HH)
-    acc_xn += _bias(b_ih_ptr, 2 * H, cols, cmask, HAS_B_IH)
-    acc_hn += _bias(b_hh_ptr, 2 * H, cols, cmask, HAS_B_HH)
+    rows, cols, mask, offs = _tile(B, H, BLOCK_B, BLOCK_H)
+    acc_r, acc_z, acc_xn, acc_hn = _preacts(x_ptr, h_ptr, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, rows, cols, B, I, H,
+                                            True, HAS_B_IH, HAS_B_HH, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = _sigmoid(acc_r)
     z = _sigmoid(acc_z)
     n = _tanh(acc_xn + r * acc_hn)
-    mask = (rows[:, None] < B) & cmask[None, :]
-    offs = rows[:, None] * H + cols[None, :]
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h2 = (1.0 - z) * n + z * h
     tl.store(hy_ptr + offs, h2.to(hy_ptr.dtype.element_ty), mask=mask)
     ws = ws_ptr + rows[:, None] * (4 * H) + cols[None, :]
-    tl.store(ws, r, mask=mask)
-    tl.store(ws + H, z, mask=mask)
-    tl.store(ws + 2 * H, n, mask=mask)
-    tl.store(ws + 3 * H, acc_hn, mask=mask)
+    _store4(ws, mask, H, r, z, n, acc_hn)
 
 
 @triton.jit
 def lstm_cell_bwd(ws_ptr, cx_ptr, dhy_ptr, dcy_ptr, dgates_ptr, dcx_ptr, N, H, BLOCK: tl.constexpr):
     """Pre-activation gradients [B, 4H] and the previous cell state's gradient, one element each."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    b = idx // H
-    j = idx % H
+    idx, mask, b, j = _elements(N, H, BLOCK)
     ws = ws_ptr + b * (5 * H) + j
-    i = tl.load(ws, mask=mask, other=0.0)
-    f = tl.load(ws + H, mask=mask, other=0.0)
-    g = tl.load(ws + 2 * H, mask=mask, other=0.0)
-    o = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    i, f, g, o = _load4(ws, mask, H)
     c2 = tl.load(ws + 4 * H, mask=mask, other=0.0)
     c = tl.load(cx_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     dh = tl.load(dhy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -172,10 +200,8 @@ def lstm_cell_bwd(ws_ptr, cx_ptr, dhy_ptr, dcy_ptr, dgates_ptr, dcx_ptr, N, H, B
     tc = _tanh(c2)
     dct = dc + dh * o * (1.0 - tc * tc)
     d = dgates_ptr + b * (4 * H) + j
-    tl.store(d, dct * g * i * (1.0 - i), mask=mask)
-    tl.store(d + H, dct * c * f * (1.0 - f), mask=mask)
-    tl.store(d + 2 * H, dct * i * (1.0 - g * g), mask=mask)
-    tl.store(d + 3 * H, dh * tc * o * (1.0 - o), mask=mask)
+    _store4(d, mask, H, dct * g * i * (1.0 - i), dct * c * f * (1.0 - f), dct * i * (1.0 - g * g),
+            dh * tc * o * (1.0 - o))
     tl.store(dcx_ptr + idx, dct * f, mask=mask)
 
 
@@ -183,15 +209,9 @@ def lstm_cell_bwd(ws_ptr, cx_ptr, dhy_ptr, dcy_ptr, dgates_ptr, dcx_ptr, N, H, B
 def gru_cell_bwd(ws_ptr, hx_ptr, dhy_ptr, dgi_ptr, dgh_ptr, dh_direct_ptr, N, H, BLOCK: tl.constexpr):
     """Pre-activation gradients on the input side [B, 3H] and the hidden side [B, 3H] (they differ
     in n), and the part of the previous state's gradient that bypasses W_hh (z * dh)."""
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    b = idx // H
-    j = idx % H
+    idx, mask, b, j = _elements(N, H, BLOCK)
     ws = ws_ptr + b * (4 * H) + j
-    r = tl.load(ws, mask=mask, other=0.0)
-    z = tl.load(ws + H, mask=mask, other=0.0)
-    n = tl.load(ws + 2 * H, mask=mask, other=0.0)
-    hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    r, z, n, hn = _load4(ws, mask, H)
     h = tl.load(hx_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     dh = tl.load(dhy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     dnp = dh * (1.0 - z) * (1.0 - n * n)

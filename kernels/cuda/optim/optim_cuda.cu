@@ -76,6 +76,21 @@ struct GradPrep {
   float mult;  // clip_coef * (maximize ? -1 : 1)
 };
 
+// Runs vec(i) for each Pack of elements i..i+kVec-1 of [begin, end) when the tensor is aligned, then
+// one(i) for each element left; the block's threads share the work.
+template <typename scalar_t, typename VecFn, typename OneFn>
+__device__ __forceinline__ void for_packs(const TensorMeta& m, int64_t begin, int64_t end, const VecFn& vec,
+                                          const OneFn& one) {
+  constexpr int N = kVec<scalar_t>;
+  if (m.flags & kAligned) {
+    // begin is a multiple of kChunk, hence of N; only the tensor's last chunk has a ragged end.
+    const int64_t vec_end = begin + ((end - begin) / N) * N;
+    for (int64_t i = begin + (int64_t)threadIdx.x * N; i < vec_end; i += (int64_t)blockDim.x * N) vec(i);
+    begin = vec_end;
+  }
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) one(i);
+}
+
 template <typename scalar_t>
 __device__ void adam_chunk(const TensorMeta& m, const GroupArgs& g, GradPrep prep, int64_t begin,
                            int64_t end) {
@@ -113,28 +128,20 @@ __device__ void adam_chunk(const TensorMeta& m, const GroupArgs& g, GradPrep pre
     if (f.amsgrad) xx = (scalar_t)X;
   };
 
-  constexpr int N = kVec<scalar_t>;
-  if (m.flags & kAligned) {
-    // begin is a multiple of kChunk, hence of N; only the tensor's last chunk has a ragged end.
-    const int64_t vec_end = begin + ((end - begin) / N) * N;
-    for (int64_t i = begin + (int64_t)threadIdx.x * N; i < vec_end; i += (int64_t)blockDim.x * N) {
-      Pack<scalar_t> P = load_pack(p + i), G = load_pack(gr + i), M = load_pack(ea + i),
-                     V = load_pack(es + i), X;
-      if (f.amsgrad) X = load_pack(mx + i);
+  for_packs<scalar_t>(m, begin, end, [&](int64_t i) {
+    Pack<scalar_t> P = load_pack(p + i), G = load_pack(gr + i), M = load_pack(ea + i), V = load_pack(es + i), X;
+    if (f.amsgrad) X = load_pack(mx + i);
 #pragma unroll
-      for (int k = 0; k < N; ++k) update(P.v[k], G.v[k], M.v[k], V.v[k], X.v[k]);
-      store_pack(p + i, P);
-      store_pack(ea + i, M);
-      store_pack(es + i, V);
-      if (f.amsgrad) store_pack(mx + i, X);
-      if (prep.unscale) store_pack(gr + i, G);
-    }
-    begin = vec_end;
-  }
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    for (int k = 0; k < kVec<scalar_t>; ++k) update(P.v[k], G.v[k], M.v[k], V.v[k], X.v[k]);
+    store_pack(p + i, P);
+    store_pack(ea + i, M);
+    store_pack(es + i, V);
+    if (f.amsgrad) store_pack(mx + i, X);
+    if (prep.unscale) store_pack(gr + i, G);
+  }, [&](int64_t i) {
     scalar_t dummy{};
     update(p[i], gr[i], ea[i], es[i], f.amsgrad ? mx[i] : dummy);
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -160,24 +167,18 @@ __device__ void sgd_chunk(const TensorMeta& m, const GroupArgs& g, GradPrep prep
     if (f.momentum) bb = (scalar_t)B;
   };
 
-  constexpr int N = kVec<scalar_t>;
-  if (m.flags & kAligned) {
-    const int64_t vec_end = begin + ((end - begin) / N) * N;
-    for (int64_t i = begin + (int64_t)threadIdx.x * N; i < vec_end; i += (int64_t)blockDim.x * N) {
-      Pack<scalar_t> P = load_pack(p + i), G = load_pack(gr + i), B;
-      if (f.momentum && !f.first_step) B = load_pack(bu + i);
+  for_packs<scalar_t>(m, begin, end, [&](int64_t i) {
+    Pack<scalar_t> P = load_pack(p + i), G = load_pack(gr + i), B;
+    if (f.momentum && !f.first_step) B = load_pack(bu + i);
 #pragma unroll
-      for (int k = 0; k < N; ++k) update(P.v[k], G.v[k], B.v[k]);
-      store_pack(p + i, P);
-      if (f.momentum) store_pack(bu + i, B);
-      if (prep.unscale) store_pack(gr + i, G);
-    }
-    begin = vec_end;
-  }
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    for (int k = 0; k < kVec<scalar_t>; ++k) update(P.v[k], G.v[k], B.v[k]);
+    store_pack(p + i, P);
+    if (f.momentum) store_pack(bu + i, B);
+    if (prep.unscale) store_pack(gr + i, G);
+  }, [&](int64_t i) {
     scalar_t dummy{};
     update(p[i], gr[i], f.momentum ? bu[i] : dummy);
-  }
+  });
 }
 
 __global__ void increment_steps(const TensorMeta* metas, int64_t n, Scalar found_inf,
