@@ -220,16 +220,16 @@ class _RNNBase(_Recurrent):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         D = 2 if self.bidirectional else 1
         n_states = 2 if self._kind == "lstm" else 1
-        if hx is None:
-            zeros = x.new_zeros((self.num_layers * D, B, self.hidden_size))
-            hx = (zeros, zeros) if n_states == 2 else zeros
-        states = list(hx) if n_states == 2 else [hx]
-        if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
-            raise TypeError(f"{name}: hx must be {'a tuple (h_0, c_0)' if n_states == 2 else 'a tensor'}")
-        if not batched:
-            if any(s.dim() != 2 for s in states):
-                raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D")
-            states = [s.unsqueeze(1) for s in states]
+        if hx is None:  # zeros, already in the batched layout
+            states = [x.new_zeros((self.num_layers * D, B, self.hidden_size)) for _ in range(n_states)]
+        else:
+            states = list(hx) if n_states == 2 else [hx]
+            if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
+                raise TypeError(f"{name}: hx must be {'a tuple (h_0, c_0)' if n_states == 2 else 'a tensor'}")
+            if not batched:
+                if any(s.dim() != 2 for s in states):
+                    raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D")
+                states = [s.unsqueeze(1) for s in states]
         want = (self.num_layers * D, B, self.hidden_size)
         for s in states:
             if tuple(s.shape) != want:

@@ -103,6 +103,18 @@ def test_packed_sequence(backend, cls, enforce_sorted):
     assert torch.all(pg[2:, lengths.tolist().index(2)] == 0)
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN, fnn.LSTM])
+def test_unbatched_input_without_hx(backend, cls):
+    # torch's layers take an unbatched [T, I] input with no initial state (zeros, [L*D, H]).
+    m = cls(10, 16, num_layers=2, bidirectional=True)
+    q = quantize_dynamic(m)
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        got, want = q(x), m(x)
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert g.shape == w.shape and rel_err(g, w) < DYNAMIC_BOUND
+
+
 @pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell, fnn.LSTMCell, fnn.GRUCell, fnn.RNNCell])
 def test_cells_vs_float(backend, cls):
     m = cls(10, 16, nonlinearity="relu") if issubclass(cls, nn.RNNCell) else cls(10, 16)

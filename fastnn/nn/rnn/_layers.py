@@ -154,13 +154,13 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
                     if cn is not None:
                         c_n.append(cn)
                 elif self._kind == "lstm":
-                    out, hn, cn, _ = ops.lstm_seq(layer_input, h0, states[1][idx], w_ih, w_hh, b_ih, b_hh, w_hr,
+                    out, hn, cn, _ = ops.lstm_seq.trusted(layer_input, h0, states[1][idx], w_ih, w_hh, b_ih, b_hh, w_hr,
                                                   lengths, mask, d == 1)
                     c_n.append(cn)
                 elif self._kind == "gru":
-                    out, hn, _ = ops.gru_seq(layer_input, h0, w_ih, w_hh, b_ih, b_hh, lengths, mask, d == 1)
+                    out, hn, _ = ops.gru_seq.trusted(layer_input, h0, w_ih, w_hh, b_ih, b_hh, lengths, mask, d == 1)
                 else:
-                    out, hn, _ = ops.rnn_seq(layer_input, h0, w_ih, w_hh, b_ih, b_hh, lengths, mask, d == 1,
+                    out, hn, _ = ops.rnn_seq.trusted(layer_input, h0, w_ih, w_hh, b_ih, b_hh, lengths, mask, d == 1,
                                              self.nonlinearity)
                 h_n.append(hn)
                 outs.append(out)
