@@ -33,7 +33,11 @@ def test_disabled_extension_trains_like_torch():
             x = torch.randn(16, 8)
             for m, o in ((a, oa), (b, ob)):
                 o.zero_grad(); m(x).pow(2).mean().backward(); o.step()
-        assert fastnn.ops.adam_step_.choose([a.weight]) == "reference"
+        w = a.weight
+        z = lambda: torch.zeros_like(w)
+        assert fastnn.ops.adam_step_.choose([w], [w.grad], [z()], [z()], [], [torch.zeros(())], lr=1e-2, beta1=0.9,
+                                            beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                                            maximize=False, decoupled=True) == "reference"
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
         print("ok")
     """, FASTNN_DISABLE_EXT="1", TRITON_INTERPRET="0")

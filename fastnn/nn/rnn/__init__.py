@@ -30,3 +30,7 @@ from ._cells import GRUCell, LSTMCell, RNNCell
 from ._layers import GRU, LSTM, RNN
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+# The public path, for reports, pickles and error messages (the private modules are a layout detail).
+for _cls in (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell):
+    _cls.__module__ = __name__
