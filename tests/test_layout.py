@@ -8,7 +8,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastnn"
-MAX_LINES = 520  # "about 500": a file past this is doing more than one job
+MAX_LINES = 520
+# Documents outside the repository (spelled in parts so that this file does not cite them itself).
+UNSHIPPED = ("DESIGN" + ".md", "TARGETS" + ".md", ".." + "/shared")  # "about 500": a file past this is doing more than one job
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -88,14 +90,14 @@ def test_no_source_file_over_about_500_lines():
 
 
 def test_repository_cites_no_document_outside_it():
-    # DESIGN.md and TARGETS.md are the founders' planning notes; they are not shipped, so the code
+    # The founders' planning notes (design and targets) are not shipped, so the code
     # and docs must say what they need themselves.
     offenders = []
     for path in ROOT.rglob("*"):
         if path.suffix not in (".py", ".cpp", ".h", ".cu", ".cuh", ".md", ".sh", ".toml") or ".venv" in path.parts \
-                or "build" in path.parts or path == pathlib.Path(__file__).resolve():
+                or "build" in path.parts:
             continue
         text = path.read_text(errors="replace")
-        if "DESIGN.md" in text or "TARGETS.md" in text:
+        if any(name in text for name in UNSHIPPED):
             offenders.append(str(path.relative_to(ROOT)))
-    assert not offenders, f"files citing DESIGN.md / TARGETS.md, which are not in the repository: {offenders}"
+    assert not offenders, f"files citing {UNSHIPPED}, which are not in the repository: {offenders}"
