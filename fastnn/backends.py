@@ -198,6 +198,7 @@ class _Binder:
         self.name = name
         self.signature = sig
         self.names = tuple(sig.parameters)
+        self.known = frozenset(self.names)
         self.n_positional = sum(1 for p in sig.parameters.values()
                                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         self.defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not p.empty}
@@ -212,7 +213,7 @@ class _Binder:
         for k, v in kwargs.items():
             if k in bound:
                 raise TypeError(f"{self.name}() got multiple values for argument {k!r}")
-            if k not in self.defaults and k not in self.names:
+            if k not in self.known:
                 raise TypeError(f"{self.name}() got an unexpected keyword argument {k!r}")
             bound[k] = v
         if len(bound) < len(self.names):
