@@ -1,18 +1,14 @@
 """fastnn.distributed.ExpertParallelMoE with 2 and 4 gloo processes on the CPU: outputs, input
 gradients and parameter gradients equal to the single-process layer on the same tokens."""
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastnn
 from fastnn import testing
 from fastnn.distributed import ExpertParallelMoE
+from tests.distributed._spawn import run_on_ranks
 
 CONFIGS = {
     "mixtral": dict(num_experts=8, top_k=2),
@@ -22,25 +18,9 @@ CONFIGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, errors):
-    try:
-        torch.set_num_threads(1)  # world processes share 2 cores
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        for config in CONFIGS:  # one process group for every config: starting processes is the cost
-            _check(rank, world, config)
-    except BaseException:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _run_all_configs(rank, world):
+    for config in CONFIGS:  # one process group for every config: starting processes is the cost
+        _check(rank, world, config)
 
 
 def _check(rank, world, config):
@@ -76,17 +56,7 @@ def _check(rank, world, config):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_single_process(world):
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, args=(world, _free_port(), errors), nprocs=world, join=True,
-                           start_method="spawn")
-    except mp.ProcessRaisedException:
-        pass
-    msgs = []
-    while not errors.empty():
-        msgs.append(errors.get())
-    assert not msgs, "\n".join(msgs)
+    run_on_ranks(_run_all_configs, world)
 
 
 def test_needs_initialised_process_group():
