@@ -38,7 +38,7 @@ fi
 missing=()
 for pair in numpy:numpy pybind11:pybind11 ninja:ninja pytest:pytest pytest_benchmark:pytest-benchmark \
             matplotlib:matplotlib sklearn:scikit-learn setuptools:setuptools wheel:wheel transformers:transformers \
-            statsmodels:statsmodels hypothesis:hypothesis; do
+            statsmodels:statsmodels hypothesis:hypothesis onnx:onnx onnxruntime:onnxruntime onnxscript:onnxscript; do
   mod=${pair%%:*}; pkg=${pair#*:}
   "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
 done
