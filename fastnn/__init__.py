@@ -9,13 +9,14 @@ Experts (``fastnn.MoE``, ``fastnn.distributed.ExpertParallelMoE``) and int8 infe
 
 from . import backends, ops, optim, quantized
 from ._extension import info as build_info
+from ._extension import library_path
 from .convert import convert, revert
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, MoE, RNNCell
 from .quantized import dequantize, quantize_dynamic
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "__version__", "distributed",
+__all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "library_path", "__version__", "distributed",
            "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MoE", "quantized", "quantize_dynamic",
            "dequantize"]
 

@@ -136,6 +136,14 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return True
 
 
+def library_path() -> str | None:
+    """The path of the compiled library (``fastnn/_C*.so``), or None where it is not built or failed
+    to load (:func:`error` says why). A process without fastnn's Python loads fastnn's ops with
+    ``torch.ops.load_library(path)``: an exported or AOT-compiled model that calls them needs it."""
+    module = load()
+    return None if module is None else os.path.realpath(module.__file__)
+
+
 def info() -> dict:
     """A summary for bug reports and the benchmark header."""
     return {
@@ -143,6 +151,7 @@ def info() -> dict:
         "extension_error": error(),
         "cuda_kernels": built_with_cuda(),
         "int8_cpu_isa": _int8_isa(),
+        "library_path": library_path(),
         "torch": torch.__version__,
     }
 

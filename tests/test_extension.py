@@ -134,3 +134,15 @@ def test_first_use_inside_a_fullgraph_compile():
     """, TRITON_INTERPRET="0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_library_path_loads_the_ops_in_a_process_without_fastnn():
+    path = fastnn.library_path()
+    if path is None:
+        pytest.skip(f"the compiled library is not available here: {fastnn.build_info()['extension_error']}")
+    code = (f"import sys, torch\ntorch.ops.load_library({path!r})\n"
+            "assert 'fastnn' not in sys.modules\n"
+            "print(torch.ops.fastnn.quantized_isa())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == fastnn.build_info()["int8_cpu_isa"]
