@@ -33,6 +33,9 @@ class Goal:
 
     speedup: float
     basis: str  # where the ratio comes from, e.g. "H100: torch fused 1.34 ms; goal <= 1.20 ms"
+    # What the ratio is against: "" is the case's baseline; otherwise the name of one of the Run's
+    # `others` (a case's further goals, e.g. int8 against fastnn's own fp32 layer).
+    against: str = ""
 
     def __str__(self) -> str:
         return f">= {self.speedup:.3g}x"
@@ -69,6 +72,8 @@ class Case:
     goal: Goal | None = None
     # Smallest cases, run by the smoke test and --quick.
     quick: bool = False
+    # Further goals, each against one of the Run's `others` (Goal.against names it).
+    also: tuple[Goal, ...] = ()
 
     @property
     def id(self) -> str:
@@ -84,11 +89,15 @@ _LOADED = False
 
 
 def case(family: str, name: str, *, shape: str, dtype: torch.dtype, devices: tuple[str, ...],
-         goal: Goal | None = None, quick: bool = False) -> Callable:
+         goal: Goal | None = None, quick: bool = False, also: tuple[Goal, ...] = ()) -> Callable:
     """Decorator registering ``make(device) -> Run`` as a benchmark case."""
+    if goal is not None and goal.against:
+        raise ValueError(f"{family}/{name}: the main goal is against the baseline; put others in `also`")
+    if any(not g.against for g in also):
+        raise ValueError(f"{family}/{name}: every goal in `also` names the implementation it is against")
 
     def deco(make: Callable[[torch.device], Run]) -> Callable[[torch.device], Run]:
-        c = Case(family, name, shape, dtype, tuple(devices), make, goal, quick)
+        c = Case(family, name, shape, dtype, tuple(devices), make, goal, quick, tuple(also))
         if c.id in _CASES:
             raise ValueError(f"benchmark case {c.id} defined twice")
         _CASES[c.id] = c

@@ -66,8 +66,14 @@ def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], set[
 def _footnotes(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
+        also = {a["against"]: a for a in r.get("also") or ()}
         for k, v in (r.get("others_ms") or {}).items():
-            out.append(f"{r['case']}: {k} {fmt_num(v)} ms")
+            line = f"{r['case']}: {k} {fmt_num(v)} ms"
+            if k in also:
+                a = also[k]
+                line += (f"; fastnn {a['speedup']:.2f}x faster, goal {a['goal']} "
+                         f"({'met' if a['met'] else 'missed'}): {a['basis']}")
+            out.append(line)
         if r.get("note"):
             out.append(f"{r['case']}: {r['note']}")
         if r.get("goal_basis"):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from fastnn.bench import cli, report
+from fastnn.bench import cases, cli, report
 from fastnn.bench.cases import Case, Goal, Run, all_cases, cases_for
 from fastnn.bench.timing import time_pair
 
@@ -147,6 +147,30 @@ def test_goal_is_met_only_where_it_applies(applies):
     assert row["goal_met"] is (True if applies else None)
     assert row["goal_basis"] == "a goal any run meets" and row["goal"] == ">= 0.01x"
     assert row["timings_ms"]["baseline"]["samples"] >= 2  # one or more per round
+
+
+def _case_with_further_goal(speedup):
+    def make(device):
+        x = torch.ones(64)
+        return Run(baseline=lambda: x * 2, baseline_name="torch", fastnn=lambda: x + x, error=lambda: 0.0,
+                   others={"fastnn fp32": lambda: x + x})
+    return Case("t", "fake", "n=64", torch.float32, ("cpu",), make, Goal(0.01, "a goal any run meets"),
+                also=(Goal(speedup, "a further goal", against="fastnn fp32"),))
+
+
+@pytest.mark.parametrize("speedup, met", [(0.01, True), (1000.0, False)])
+def test_a_further_goal_against_another_implementation_decides_the_row(speedup, met):
+    row = cli.run_case(_case_with_further_goal(speedup), torch.device("cpu"), rounds=2, budget_s=0.02)
+    (also,) = row["also"]
+    assert also["against"] == "fastnn fp32" and also["met"] is met
+    assert also["speedup"] == pytest.approx(row["others_ms"]["fastnn fp32"] / row["fastnn_ms"])
+    assert row["goal_met"] is met  # the main goal is always met here
+    assert ("(met)" if met else "(missed)") in report.format_table([row]).split("fastnn fp32")[1]
+
+
+def test_a_further_goal_must_name_what_it_is_against():
+    with pytest.raises(ValueError, match="names the implementation"):
+        cases.case("t", "bad", shape="", dtype=torch.float32, devices=("cpu",), also=(Goal(2.0, "basis"),))
 
 
 def test_default_out_is_absolute_and_printed(tmp_path, monkeypatch, capsys):
