@@ -71,7 +71,7 @@ def _footnotes(rows: list[dict[str, Any]]) -> list[str]:
             line = f"{r['case']}: {k} {fmt_num(v)} ms"
             if k in also:
                 a = also[k]
-                line += (f"; fastnn {a['speedup']:.2f}x faster, goal {a['goal']} "
+                line += (f"; fastnn's speedup over it {a['speedup']:.2f}x, goal {a['goal']} "
                          f"({'met' if a['met'] else 'missed'}): {a['basis']}")
             out.append(line)
         if r.get("note"):
