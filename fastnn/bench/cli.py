@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     dev = args.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.list:  # listing runs nothing: the GPU cases can be listed on a machine without a GPU
+        _list(cases_for(dev, args.filter, quick=args.quick))
+        return 0
     if dev == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     device = torch.device(dev)
@@ -268,9 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "process" and dev != "cpu":
         p.error("--clock process times CPU work; GPU timings use CUDA events")
     cases = cases_for(dev, args.filter, quick=args.quick)
-    if args.list:
-        _list(cases)
-        return 0
     if not cases:
         print(f"fastnn-bench: no cases match on {dev}", file=sys.stderr)
         return 1

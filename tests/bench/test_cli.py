@@ -211,6 +211,12 @@ def test_list_shows_goals_with_their_basis(capsys):
     assert "goal from: 2-core CPU, 2 threads, lstm infer: torch.nn 94 ms; goal <= 63 ms" in out
 
 
+def test_gpu_cases_can_be_listed_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["--device", "cuda", "--list"]) == 0
+    assert "moe/" in capsys.readouterr().out
+
+
 def test_cpu_timing_keeps_the_spread_of_alternating_rounds():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
