@@ -3,6 +3,8 @@
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,3 +237,13 @@ def test_cuda_timing_keeps_every_sample():
     for s in stats.values():
         assert s["samples"] > 2, "do_bench returned one number: the spread is lost"
         assert 0 < s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+
+
+def test_cpu_run_prints_no_cuda_home_warning():
+    # A CUDA build of torch without a GPU logs about CUDA_HOME when torch.utils.benchmark loads;
+    # fastnn-bench on the CPU keeps that out of its output.
+    code = ("import torch, fastnn.bench.timing as t\n"
+            "t.time_pair({'a': lambda: torch.ones(4) * 2}, torch.device('cpu'), rounds=1, budget_s=0.01)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "CUDA_HOME" not in proc.stderr + proc.stdout
