@@ -1,0 +1,102 @@
+"""fastnn.LSTM / GRU / RNN (stacked, bidirectional) and fastnn.MoE under FSDP2 (``fully_shard`` per
+layer, per block, and the root only) and DistributedDataParallel, gloo on the CPU with 2 and 4
+processes: outputs, input gradients, the reduced parameter gradients and the parameters after an
+Adam step equal a single process on the same global batch. Frozen parameters and
+``find_unused_parameters`` behave as with the same model built from torch.nn's layers.
+
+One spawn per world size runs every check (starting processes is the cost)."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tests.distributed import _layers as L
+from tests.distributed._spawn import run_on_ranks
+
+
+def _shard(model, how):
+    if how == "layer":
+        top = [model.top.moe, model.top.head] if isinstance(model.top, L.MoEBlock) else [model.top]
+        for m in [model.rec.lstm, model.rec.gru, model.rec.rnn] + top:
+            fully_shard(m)
+    elif how == "block":
+        fully_shard(model.rec)
+        fully_shard(model.top)
+    fully_shard(model)
+    return model
+
+
+def check_fsdp(rank, world):
+    xs = L.global_batch(world)
+    want = L.single_process(L.build(), xs)
+    for how in ("layer", "block", "root"):
+        got = L.data_parallel(_shard(L.build(), how), xs, rank, world)
+        L.assert_matches(got, want, rank, world, f"fully_shard per {how}")
+
+
+def check_ddp(rank, world):
+    xs = L.global_batch(world)
+    want = L.single_process(L.build(), xs)
+    model = DDP(L.build())
+    L.assert_matches(L.data_parallel(model, xs, rank, world, inner=model.module), want, rank, world, "DDP")
+
+
+def _twins(frozen):
+    """The recurrent model built from torch.nn's layers and from fastnn's, with the same weights."""
+    ref = L.build(nn, moe=False, frozen=frozen)
+    fast = L.build(moe=False, frozen=frozen)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def check_frozen(rank, world):
+    """A frozen GRU and LSTM input weight: no gradient, unchanged by the step, under DDP and FSDP2,
+    as with torch's layers."""
+    xs = L.global_batch(world)
+    ref, _ = _twins(True)
+    want = L.single_process(copy.deepcopy(ref), xs)
+    for lib in ("torch", "fastnn"):
+        for engine in ("ddp", "fsdp"):
+            model = _twins(True)[0 if lib == "torch" else 1]
+            wrapped = DDP(model) if engine == "ddp" else _shard(model, "layer")
+            got = L.data_parallel(wrapped, xs, rank, world, inner=model)
+            # the oracle's frozen parameters have no gradient: assert_matches checks these have none
+            L.assert_matches(got, want, rank, world, f"{lib} layers, frozen, {engine}")
+
+
+def check_find_unused(rank, world):
+    """The GRU sits out the second step: with find_unused_parameters=True DDP trains as a single
+    process does (the GRU gets no gradient that step); without it DDP raises at the next forward,
+    the same error as with torch's layers."""
+    xs = L.global_batch(world)
+    ref, _ = _twins(False)
+    want = L.single_process(copy.deepcopy(ref), xs, steps=2, skip_gru=(1,))
+    errors = {}
+    for lib, model in zip(("torch", "fastnn"), _twins(False)):
+        ddp = DDP(model, find_unused_parameters=True)
+        got = L.data_parallel(ddp, xs, rank, world, steps=2, skip_gru=(1,), inner=model)
+        L.assert_matches(got, want, rank, world, f"{lib} layers, find_unused_parameters=True")
+        ddp = DDP(_twins(False)[0 if lib == "torch" else 1])
+        with pytest.raises(RuntimeError) as e:
+            L.data_parallel(ddp, xs, rank, world, steps=3, skip_gru=(1,), inner=ddp.module)
+        errors[lib] = str(e.value).split("\n")[0]
+    assert errors["fastnn"] == errors["torch"], errors
+    assert "find_unused_parameters" in str(e.value)
+    dist.barrier()
+
+
+def _all(rank, world):
+    check_fsdp(rank, world)
+    check_ddp(rank, world)
+    check_frozen(rank, world)
+    check_find_unused(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layers_under_fsdp2_and_ddp_equal_single_process(world):
+    run_on_ranks(_all, world, timeout=300)
