@@ -79,7 +79,8 @@ def single_process(model, xs, steps=1, lr=1e-2, skip_gru=()):
     xf = xs.clone().requires_grad_()
     outs = []
     for step in range(steps):
-        model.rec.skip_gru = step in skip_gru
+        if skip_gru:
+            model.rec.skip_gru = step in skip_gru
         opt.zero_grad(set_to_none=True)
         y = model(xf)
         loss_fn(y).backward()
@@ -104,7 +105,8 @@ def data_parallel(model, xs, rank, world, steps=1, lr=1e-2, skip_gru=(), inner=N
     x = xs[rank * B:(rank + 1) * B].clone().requires_grad_()
     outs = []
     for step in range(steps):
-        inner.rec.skip_gru = step in skip_gru
+        if skip_gru:
+            inner.rec.skip_gru = step in skip_gru
         opt.zero_grad(set_to_none=True)
         y = model(x)
         loss_fn(y).backward()
@@ -118,7 +120,7 @@ def data_parallel(model, xs, rank, world, steps=1, lr=1e-2, skip_gru=(), inner=N
 
 
 def _strip(name):
-    return name.replace("module.", "").replace("_checkpoint_wrapped_module.", "")
+    return name.replace("_orig_mod.", "").replace("module.", "")
 
 
 def assert_matches(got, want, rank, world, what):

@@ -15,6 +15,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fastnn
+from fastnn.distributed import ExpertParallelMoE
 from tests.distributed import _layers as L
 from tests.distributed._spawn import run_on_ranks
 
@@ -90,7 +92,57 @@ def check_find_unused(rank, world):
     dist.barrier()
 
 
+class _EPNet(nn.Module):
+    def __init__(self, moe):
+        super().__init__()
+        self.inp = nn.Linear(10, 10)
+        self.moe = moe
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.out(self.moe(torch.tanh(self.inp(x))))
+
+
+def _ep_nets(world):
+    torch.manual_seed(0)
+    full = _EPNet(fastnn.MoE(10, 7, num_experts=8, top_k=2, shared_expert_size=6, shared_expert_gate=True)).double()
+    ep = copy.deepcopy(full)
+    ep.moe = ExpertParallelMoE(full.moe)
+    return full, ep
+
+
+def check_expert_parallel_fsdp(rank, world):
+    """ExpertParallelMoE inside a model under FSDP2, which shards the router, the shared expert and
+    the surrounding layers and leaves the experts to the layer: equal to the single-process MoE."""
+    full, ep = _ep_nets(world)
+    experts = set(ep.moe.expert_parameters())
+    for m in (ep.inp, ep.moe.gate, ep.moe.shared_expert):
+        fully_shard(m)
+    fully_shard(ep, ignored_params=experts)
+    xs = torch.randn(world * L.B, L.T, 10, dtype=torch.float64)
+    want = L.single_process(full, xs)
+    opt = torch.optim.Adam(ep.parameters(), lr=1e-2)
+    x = xs[rank * L.B:(rank + 1) * L.B].clone().requires_grad_()
+    y = ep(x)
+    L.loss_fn(y).backward()
+    for p in experts:  # sum of the ranks' losses -> their mean, as FSDP2 reduces the rest
+        p.grad.div_(world)
+    grads = {n: L.full(p.grad).clone() for n, p in ep.named_parameters()}
+    opt.step()
+    sl = slice(ep.moe.first_expert, ep.moe.first_expert + ep.moe.local_experts)
+    rename = {"moe.gate_up_proj": "moe.experts.gate_up_proj", "moe.down_proj": "moe.experts.down_proj"}
+    w_grads = {n: (g[sl] if n.startswith("moe.experts.") else g) for n, g in want[2].items()}
+    w_params = {n: (p[sl] if n.startswith("moe.experts.") else p) for n, p in want[3].items()}
+    got = ([y.detach()], x.grad, {rename.get(n, n): g for n, g in grads.items()},
+           {rename.get(n, n): L.full(p.detach()) for n, p in ep.named_parameters()})
+    L.assert_matches(got, (want[0], want[1], w_grads, w_params), rank, world, "ExpertParallelMoE + fully_shard")
+    # Sharding the experts themselves: a clear error, not a silent mix of the ranks' experts.
+    with pytest.raises(ValueError, match="ignored_params"):
+        fully_shard(_ep_nets(world)[1])
+
+
 def _all(rank, world):
+    check_expert_parallel_fsdp(rank, world)
     check_fsdp(rank, world)
     check_ddp(rank, world)
     check_frozen(rank, world)
