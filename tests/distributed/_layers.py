@@ -10,6 +10,28 @@ import fastnn
 from fastnn import testing
 
 IN, B, T = 6, 3, 4  # input features; batch rows per rank; steps
+# Where the checks run: the CPU and the default (gloo) group, or a rank's GPU and an NCCL group
+# (set by use_nccl).
+CTX = {"device": torch.device("cpu"), "group": None, "mesh": None}
+
+
+def use_nccl(rank):
+    """Run the checks on this rank's GPU over an NCCL group of every rank (the default group stays
+    the launcher's gloo one)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    torch.cuda.set_device(rank)
+    group = dist.new_group(backend="nccl")
+    CTX.update(device=torch.device("cuda", rank), group=group, mesh=DeviceMesh.from_group(group, "cuda"))
+
+
+def shard_kwargs():
+    """fully_shard's mesh (None: the default group's)."""
+    return {} if CTX["mesh"] is None else {"mesh": CTX["mesh"]}
+
+
+def ddp_kwargs():
+    dev = CTX["device"]
+    return {} if dev.type == "cpu" else {"device_ids": [dev.index], "process_group": CTX["group"]}
 
 
 class RecurrentBlock(nn.Module):
@@ -56,7 +78,7 @@ class Net(nn.Module):
 
 def build(lib=fastnn, moe=True, frozen=False, seed=0):
     torch.manual_seed(seed)  # every rank builds the same full model
-    m = Net(lib, moe).double()
+    m = Net(lib, moe).to(CTX["device"], torch.float64)
     if frozen:  # a frozen layer: the GRU, and the first LSTM layer's input weights
         m.rec.gru.requires_grad_(False)
         m.rec.lstm.weight_ih_l0.requires_grad_(False)
@@ -65,7 +87,7 @@ def build(lib=fastnn, moe=True, frozen=False, seed=0):
 
 def global_batch(world, seed=1):
     torch.manual_seed(seed)
-    return torch.randn(world * B, T, IN, dtype=torch.float64)
+    return torch.randn(world * B, T, IN, dtype=torch.float64).to(CTX["device"])
 
 
 def loss_fn(y):
@@ -143,4 +165,4 @@ def assert_matches(got, want, rank, world, what):
             assert grads[n] is not None, f"{what}: {n} has no gradient"
             testing.assert_close(grads[n], g, msg=f"{what}: grad of {n}")
         testing.assert_close(params[n], w_params[n], msg=f"{what}: {n} after the step")
-    dist.barrier()
+    dist.barrier(group=CTX["group"])

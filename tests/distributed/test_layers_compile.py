@@ -14,7 +14,7 @@ from tests.distributed._spawn import run_on_ranks
 from tests.distributed.test_layers_engines import _shard
 
 FASTNN_DIR = os.path.dirname(fastnn.__file__)
-# the ops each forward must call, on the backend the CPU runs them on
+# the ops each forward must call (as fastnn::<op> or fastnn::triton_<op>)
 CPU_OPS = {"lstm_seq", "gru_seq", "rnn_seq", "topk_gating", "permute_tokens", "grouped_mm", "unpermute_tokens"}
 
 
@@ -24,7 +24,7 @@ def _fastnn_ops(graphs):
         for node in gm.graph.nodes:
             target = str(node.target)
             if node.op == "call_function" and target.startswith("fastnn."):
-                ops.add(target.split(".")[1])
+                ops.add(target.split(".")[1].removeprefix("triton_"))  # the Triton ops count as theirs
     return ops
 
 
@@ -49,7 +49,9 @@ def _compiled(rank, world, how):
                      f"torch.compile after fully_shard per {how}")
 
 
-def _all(rank, world):
+def _all(rank, world, backend="gloo"):
+    if backend == "nccl":
+        L.use_nccl(rank)
     for how in ("block", "root"):
         _compiled(rank, world, how)
 
@@ -60,3 +62,10 @@ def test_compile_after_fully_shard_keeps_fastnn_ops():
     if fastnn.ops.lstm_seq.choose(*probe) != "cpu":
         pytest.skip("fastnn's compiled CPU ops are not loaded here: the graphs would hold the reference's torch ops")
     run_on_ranks(_all, 2, timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs a GPU per rank (2 or more)")
+def test_compile_after_fully_shard_nccl():
+    run_on_ranks(_all, 2, args=("nccl",), timeout=300)

@@ -25,11 +25,11 @@ def _shard(model, how):
     if how == "layer":
         top = [model.top.moe, model.top.head] if isinstance(model.top, L.MoEBlock) else [model.top]
         for m in [model.rec.lstm, model.rec.gru, model.rec.rnn] + top:
-            fully_shard(m)
+            fully_shard(m, **L.shard_kwargs())
     elif how == "block":
-        fully_shard(model.rec)
-        fully_shard(model.top)
-    fully_shard(model)
+        fully_shard(model.rec, **L.shard_kwargs())
+        fully_shard(model.top, **L.shard_kwargs())
+    fully_shard(model, **L.shard_kwargs())
     return model
 
 
@@ -44,7 +44,7 @@ def check_fsdp(rank, world):
 def check_ddp(rank, world):
     xs = L.global_batch(world)
     want = L.single_process(L.build(), xs)
-    model = DDP(L.build())
+    model = DDP(L.build(), **L.ddp_kwargs())
     L.assert_matches(L.data_parallel(model, xs, rank, world, inner=model.module), want, rank, world, "DDP")
 
 
@@ -65,7 +65,7 @@ def check_frozen(rank, world):
     for lib in ("torch", "fastnn"):
         for engine in ("ddp", "fsdp"):
             model = _twins(True)[0 if lib == "torch" else 1]
-            wrapped = DDP(model) if engine == "ddp" else _shard(model, "layer")
+            wrapped = DDP(model, **L.ddp_kwargs()) if engine == "ddp" else _shard(model, "layer")
             got = L.data_parallel(wrapped, xs, rank, world, inner=model)
             # the oracle's frozen parameters have no gradient: assert_matches checks these have none
             L.assert_matches(got, want, rank, world, f"{lib} layers, frozen, {engine}")
@@ -80,16 +80,16 @@ def check_find_unused(rank, world):
     want = L.single_process(copy.deepcopy(ref), xs, steps=2, skip_gru=(1,))
     errors = {}
     for lib, model in zip(("torch", "fastnn"), _twins(False)):
-        ddp = DDP(model, find_unused_parameters=True)
+        ddp = DDP(model, find_unused_parameters=True, **L.ddp_kwargs())
         got = L.data_parallel(ddp, xs, rank, world, steps=2, skip_gru=(1,), inner=model)
         L.assert_matches(got, want, rank, world, f"{lib} layers, find_unused_parameters=True")
-        ddp = DDP(_twins(False)[0 if lib == "torch" else 1])
+        ddp = DDP(_twins(False)[0 if lib == "torch" else 1], **L.ddp_kwargs())
         with pytest.raises(RuntimeError) as e:
             L.data_parallel(ddp, xs, rank, world, steps=3, skip_gru=(1,), inner=ddp.module)
         errors[lib] = str(e.value).split("\n")[0]
     assert errors["fastnn"] == errors["torch"], errors
     assert "find_unused_parameters" in str(e.value)
-    dist.barrier()
+    dist.barrier(group=L.CTX["group"])
 
 
 class _EPNet(nn.Module):
@@ -105,9 +105,10 @@ class _EPNet(nn.Module):
 
 def _ep_nets(world):
     torch.manual_seed(0)
-    full = _EPNet(fastnn.MoE(10, 7, num_experts=8, top_k=2, shared_expert_size=6, shared_expert_gate=True)).double()
+    moe = fastnn.MoE(10, 7, num_experts=8, top_k=2, shared_expert_size=6, shared_expert_gate=True)
+    full = _EPNet(moe).to(L.CTX["device"], torch.float64)
     ep = copy.deepcopy(full)
-    ep.moe = ExpertParallelMoE(full.moe)
+    ep.moe = ExpertParallelMoE(full.moe, group=L.CTX["group"])
     return full, ep
 
 
@@ -117,9 +118,9 @@ def check_expert_parallel_fsdp(rank, world):
     full, ep = _ep_nets(world)
     experts = set(ep.moe.expert_parameters())
     for m in (ep.inp, ep.moe.gate, ep.moe.shared_expert):
-        fully_shard(m)
-    fully_shard(ep, ignored_params=experts)
-    xs = torch.randn(world * L.B, L.T, 10, dtype=torch.float64)
+        fully_shard(m, **L.shard_kwargs())
+    fully_shard(ep, ignored_params=experts, **L.shard_kwargs())
+    xs = torch.randn(world * L.B, L.T, 10, dtype=torch.float64).to(L.CTX["device"])
     want = L.single_process(full, xs)
     opt = torch.optim.Adam(ep.parameters(), lr=1e-2)
     x = xs[rank * L.B:(rank + 1) * L.B].clone().requires_grad_()
@@ -138,10 +139,12 @@ def check_expert_parallel_fsdp(rank, world):
     L.assert_matches(got, (want[0], want[1], w_grads, w_params), rank, world, "ExpertParallelMoE + fully_shard")
     # Sharding the experts themselves: a clear error, not a silent mix of the ranks' experts.
     with pytest.raises(ValueError, match="ignored_params"):
-        fully_shard(_ep_nets(world)[1])
+        fully_shard(_ep_nets(world)[1], **L.shard_kwargs())
 
 
-def _all(rank, world):
+def _all(rank, world, backend="gloo"):
+    if backend == "nccl":
+        L.use_nccl(rank)
     check_expert_parallel_fsdp(rank, world)
     check_fsdp(rank, world)
     check_ddp(rank, world)
@@ -152,3 +155,9 @@ def _all(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_layers_under_fsdp2_and_ddp_equal_single_process(world):
     run_on_ranks(_all, world, timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs a GPU per rank (2 or more)")
+def test_layers_under_fsdp2_and_ddp_nccl():
+    run_on_ranks(_all, 2, args=("nccl",), timeout=300)
