@@ -15,6 +15,28 @@ flow through the all-to-alls (``torch.distributed.nn.functional.all_to_all_singl
 
 The all-to-all split sizes must be known on the host (as for every variable-size all-to-all), so
 a forward pass synchronises once with the device to read them; the rest of the layer does not.
+
+Gradients: each rank's expert gradients sum the contributions of every rank's tokens (the
+all-to-all's backward brings them home), i.e. they are gradients of the *sum* of the ranks' losses;
+the replicated parameters (router, shared expert) get only their own rank's.
+
+With data-parallel engines (measured with gloo on the CPU, 2 and 4 processes):
+
+* FSDP2 (``fully_shard``) on the non-expert parameters is supported: shard the router, the shared
+  expert and the surrounding layers as usual, and leave the experts to this layer by passing
+  ``ignored_params=set(ep.expert_parameters())`` to every ``fully_shard`` call whose module
+  contains it (the root included). FSDP2 averages the gradients it reduces, so before the
+  optimizer step divide the expert gradients by the group size (``p.grad.div_(world)`` for ``p``
+  in ``expert_parameters()``) to train the mean of the ranks' losses; the result then equals the
+  single-process :class:`fastnn.MoE` on the global batch.
+* Letting FSDP2 shard the expert weights is not supported (it would treat each rank's different
+  experts as one replicated tensor and mix them silently): ``fully_shard`` raises a ValueError
+  when it tries to.
+* Expert parallelism within FSDP2's mesh (experts sharded over one mesh dimension and FSDP over
+  another, as DTensors) is not supported, nor is a DTensor ``gate_up_proj`` / ``down_proj``.
+* ``DistributedDataParallel`` would broadcast rank 0's experts to every rank and average the expert
+  gradients: exclude the experts with
+  ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)`` (not tested).
 """
 
 from __future__ import annotations
@@ -42,6 +64,12 @@ from ..reference.moe import gated_activation
 __all__ = ["ExpertParallelMoE"]
 
 Tensor = torch.Tensor
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # older torch
+    from torch.distributed._tensor import DTensor
 
 
 class ExpertParallelMoE(nn.Module):
@@ -77,6 +105,22 @@ class ExpertParallelMoE(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.aux_loss: Optional[Tensor] = None
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """This rank's expert weights (``gate_up_proj``, ``down_proj``): each rank holds different
+        ones, so a data-parallel engine must leave them alone (see the module docstring)."""
+        return [self.gate_up_proj, self.down_proj]
+
+    def __setattr__(self, name: str, value) -> None:
+        # FSDP2 registers its sharded parameters with setattr when the module defines __setattr__:
+        # the one place to refuse to let it treat the rank's own experts as a replicated tensor.
+        if name in _EXPERT_PARAMS and isinstance(value, DTensor):
+            raise ValueError(
+                f"fastnn: argument 'ExpertParallelMoE: {name}': expected this rank's own experts, not sharded "
+                f"by a data-parallel engine, got a DTensor (fully_shard must skip the expert weights: pass "
+                f"ignored_params=set(ep.expert_parameters()) to every fully_shard call whose module contains "
+                f"the layer)")
+        super().__setattr__(name, value)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
