@@ -1,6 +1,8 @@
 // The int8 matrix kernels of the quantized family, one set per instruction set, and the run-time
 // choice between them. Plain C++ (no ATen) so that each ISA file can be compiled with its own
-// target attribute and still be linked into one library that runs on any x86-64 CPU.
+// target attribute and still be linked into one library that runs on any x86-64 (or AArch64) CPU,
+// and so that tests/cpp/qgemm_test.cpp can test them without libtorch (only qgemm_select.cpp,
+// which raises torch errors, needs c10).
 //
 // Both kernels compute rows m in [0, M) against weight rows n in [n0, n1) of a row-major [N, K]
 // int8 matrix B (torch.nn's weight layout: one row per output channel):
@@ -21,7 +23,9 @@ using F32S8Kernel = void (*)(const float* A, int64_t lda, const int8_t* B, int64
                              int64_t ldc, int64_t M, int64_t n0, int64_t n1, int64_t K);
 
 struct Kernels {
-  const char* name;  // "default", "avx2", "avx512_vnni": the values FASTNN_CPU_ISA takes
+  // "default", "avx2", "avx512_vnni" (x86-64), "neon", "neon_dotprod" (AArch64): the values
+  // FASTNN_CPU_ISA takes
+  const char* name;
   S8S8Kernel s8s8;
   F32S8Kernel f32s8;
 };
@@ -30,11 +34,16 @@ struct Kernels {
 const Kernels* portable_kernels();
 const Kernels* avx2_kernels();
 const Kernels* avx512_vnni_kernels();
+const Kernels* neon_kernels();
+const Kernels* neon_dotprod_kernels();
 
-// The variants this CPU can run, best last.
+// Whether this CPU has the AArch64 dot-product instructions (sdot); false on other CPUs.
+bool cpu_has_dotprod();
+
+// The variants this CPU can run, best last (at most three on either architecture).
 int available_kernels(const Kernels* out[3]);
 
-// The variant in use: FASTNN_CPU_ISA (default / avx2 / avx512_vnni / auto) when first asked, else
+// The variant in use: FASTNN_CPU_ISA (auto or one of the names above) when first asked, else
 // the best this CPU runs; set_kernels(name) changes it for the process (tests force each one).
 const Kernels& active_kernels();
 const Kernels& set_kernels(const char* name);

@@ -1,12 +1,7 @@
-// The portable int8 kernels (plain C++, any CPU) and the run-time choice of variant.
+// The portable int8 kernels (plain C++, any CPU) and the list of variants this CPU runs. No ATen
+// here (the choice by name, which raises torch errors, is qgemm_select.cpp), so that the C++ test
+// program (tests/cpp/qgemm_test.cpp) links these files without libtorch.
 #include "quantized/qgemm.h"
-
-#include <c10/util/Exception.h>
-
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
 namespace fastnn {
 namespace quantized {
@@ -29,21 +24,6 @@ void gemm_portable(const In* A, int64_t lda, const int8_t* B, int64_t ldb, Acc* 
 
 const Kernels kPortable{"default", gemm_portable<int8_t, int32_t>, gemm_portable<float, float>};
 
-const Kernels* by_name(const std::string& name) {
-  const Kernels* all[3];
-  const int n = available_kernels(all);
-  if (name == "auto" || name.empty()) return all[n - 1];
-  for (int i = 0; i < n; ++i)
-    if (name == all[i]->name) return all[i];
-  std::string have;
-  for (int i = 0; i < n; ++i) have += std::string(i ? ", " : "") + all[i]->name;
-  TORCH_CHECK_VALUE(false, "fastnn: FASTNN_CPU_ISA / quantized_set_isa: expected auto or one of the variants this "
-                    "CPU runs (", have, "), got '", name, "'");
-  return nullptr;
-}
-
-std::atomic<const Kernels*> g_active{nullptr};
-
 }  // namespace
 
 const Kernels* portable_kernels() { return &kPortable; }
@@ -59,23 +39,11 @@ int available_kernels(const Kernels* out[3]) {
       __builtin_cpu_supports("avx512vnni"))
     out[n++] = avx512_vnni_kernels();
 #endif
+  // Advanced SIMD is part of every AArch64 CPU; the dot-product instructions are optional (Armv8.2,
+  // mandatory from Armv8.4), so they are asked of the CPU.
+  if (neon_kernels()) out[n++] = neon_kernels();
+  if (neon_dotprod_kernels() && cpu_has_dotprod()) out[n++] = neon_dotprod_kernels();
   return n;
-}
-
-const Kernels& active_kernels() {
-  const Kernels* k = g_active.load(std::memory_order_acquire);
-  if (k == nullptr) {
-    const char* env = std::getenv("FASTNN_CPU_ISA");
-    k = by_name(env ? env : "auto");
-    g_active.store(k, std::memory_order_release);
-  }
-  return *k;
-}
-
-const Kernels& set_kernels(const char* name) {
-  const Kernels* k = by_name(name);
-  g_active.store(k, std::memory_order_release);
-  return *k;
 }
 
 }  // namespace quantized

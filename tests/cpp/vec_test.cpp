@@ -1,0 +1,222 @@
+// Compares the fp32 CPU microkernels written with at::vec with a double-precision reference, on odd
+// widths (vector body plus scalar tail), so that each instruction set's at::vec (AVX2 here, NEON
+// under qemu-aarch64) is checked:
+//   - the fused recurrent step of csrc/rnn/cpu_step.h: forward_block and backward_row for LSTM,
+//     GRU, RNN tanh/relu, with padded rows (lengths), split column ranges, biases, double buffering;
+//   - the optimizer update math of csrc/optim/math.h (Adam/AdamW/AMSGrad, SGD momentum/Nesterov)
+//     on Vectorized<float>.
+// torch's headers are used header-only (C++20, as they require); no libtorch is linked.
+// scripts/check_microkernels.sh builds and runs it. Exit status 0 when all match, 1 otherwise.
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "optim/math.h"
+#include "rnn/cpu_step.h"
+
+namespace {
+
+using namespace fastnn::rnn;
+using at::vec::Vectorized;
+
+int g_failures = 0;
+
+void check(const std::string& what, const float* got, const std::vector<double>& ref, double tol = 2e-5) {
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double err = std::fabs(double(got[i]) - ref[i]);
+    if (!(err <= tol * (1.0 + std::fabs(ref[i])))) {
+      if (++g_failures <= 50) std::printf("MISMATCH %s [%zu]: got %.9g, expected %.9g\n", what.c_str(), i, got[i], ref[i]);
+      return;
+    }
+  }
+}
+
+struct Rng {
+  uint64_t s = 99;
+  float uniform(float lo, float hi) {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return lo + (hi - lo) * float((s >> 40) / 16777216.0);
+  }
+  std::vector<float> vec(size_t n, float lo, float hi) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = uniform(lo, hi);
+    return v;
+  }
+};
+
+double sig(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+const char* kCellNames[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
+
+// One forward step of B rows; row 1 is padding (t >= lengths[1]).
+void forward_case(Cell cell, int64_t H, bool bias, bool dbuf, Rng& rng) {
+  const int64_t B = 3, G = num_gates(cell) * H, WS = ws_width(cell, H);
+  const std::string name = std::string("forward ") + kCellNames[int(cell)] + " H=" + std::to_string(H) +
+                           (bias ? " bias" : "") + (dbuf ? " h_prev" : "");
+  auto gi = rng.vec(B * G, -3, 3), gh = rng.vec(B * G, -3, 3), gib = rng.vec(G, -1, 1), bhn = rng.vec(H, -1, 1);
+  auto h = rng.vec(B * H, -1, 1), hp = rng.vec(B * H, -1, 1), c = rng.vec(B * H, -2, 2);
+  std::vector<float> out(B * H, 5.f), ws(B * WS, 5.f);
+  const std::vector<float> h_in = h, c_in = c;
+  const int64_t lengths[] = {4, 2, 7};
+  FwdStep<float> s{cell, B, H, H, gi.data(), gh.data(), bias && cell == Cell::GRU ? bhn.data() : nullptr, h.data(),
+                   dbuf ? hp.data() : nullptr, c.data(), out.data(), ws.data(), nullptr, lengths, 3,
+                   bias ? gib.data() : nullptr};
+  for (int64_t b = 0; b < B; ++b) {  // two column blocks, as the parallel driver splits them
+    const int64_t mid = H / 3;
+    cpu::forward_block(s, b, 0, mid);
+    cpu::forward_block(s, b, mid, H);
+  }
+  std::vector<double> rh(B * H), rc(B * H), rout(B * H), rws(B * WS);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < H; ++j) {
+      const double hprev = (dbuf ? hp : h_in)[b * H + j];
+      if (b == 1) {  // padding: state kept (copied when double-buffered), output and workspace zero
+        rh[b * H + j] = hprev;
+        rc[b * H + j] = c_in[b * H + j];
+        continue;
+      }
+      auto in = [&](int k) { return double(gi[b * G + k * H + j]) + (bias ? gib[k * H + j] : 0.0); };
+      auto pre = [&](int k) { return in(k) + gh[b * G + k * H + j]; };
+      double hn = 0;
+      double* w = &rws[b * WS];
+      rc[b * H + j] = c_in[b * H + j];
+      if (cell == Cell::LSTM) {
+        const double i = sig(pre(0)), f = sig(pre(1)), g = std::tanh(pre(2)), o = sig(pre(3));
+        const double cn = f * c_in[b * H + j] + i * g;
+        hn = o * std::tanh(cn);
+        w[j] = i, w[H + j] = f, w[2 * H + j] = g, w[3 * H + j] = o, w[4 * H + j] = cn;
+        rc[b * H + j] = cn;
+      } else if (cell == Cell::GRU) {
+        const double ghn = gh[b * G + 2 * H + j] + (bias ? bhn[j] : 0.0);
+        const double r = sig(pre(0)), z = sig(pre(1)), n = std::tanh(in(2) + r * ghn);
+        hn = (1 - z) * n + z * hprev;
+        w[j] = r, w[H + j] = z, w[2 * H + j] = n, w[3 * H + j] = ghn;
+      } else {
+        hn = cell == Cell::RNN_TANH ? std::tanh(pre(0)) : std::max(pre(0), 0.0);
+      }
+      rh[b * H + j] = rout[b * H + j] = hn;
+    }
+  check(name + " h", h.data(), rh);
+  check(name + " out", out.data(), rout);
+  check(name + " workspace", ws.data(), rws);
+  if (cell == Cell::LSTM) check(name + " c", c.data(), rc);
+}
+
+// One backward step; row 1 is padding.
+void backward_case(Cell cell, int64_t H, bool grad_out, Rng& rng) {
+  const int64_t B = 3, G = num_gates(cell) * H, WS = ws_width(cell, H);
+  const std::string name = std::string("backward ") + kCellNames[int(cell)] + " H=" + std::to_string(H) +
+                           (grad_out ? " grad_out" : "");
+  auto ws = rng.vec(B * WS, 0.05f, 0.95f), cp = rng.vec(B * H, -2, 2), hp = rng.vec(B * H, -1, 1);
+  auto outv = rng.vec(B * H, -1, 1), go = rng.vec(B * H, -1, 1), dh = rng.vec(B * H, -1, 1), dc = rng.vec(B * H, -1, 1);
+  const std::vector<float> dh_in = dh, dc_in = dc;
+  std::vector<float> dgi(B * G, 5.f), dgh_buf(B * G, 5.f);
+  float* dgh = cell == Cell::GRU ? dgh_buf.data() : dgi.data();
+  const int64_t lengths[] = {4, 2, 7};
+  BwdStep<float> s{cell, B, H, H, ws.data(), cp.data(), hp.data(), outv.data(), grad_out ? go.data() : nullptr,
+                   dh.data(), false, dc.data(), dgi.data(), dgh, lengths, 3};
+  for (int64_t b = 0; b < B; ++b) cpu::backward_row(s, b);
+  std::vector<double> rdgi(B * G, 0.0), rdgh(B * G, 0.0), rdh(dh_in.begin(), dh_in.end()), rdc(dc_in.begin(), dc_in.end());
+  for (int64_t b = 0; b < B; ++b) {
+    if (b == 1) continue;  // padding: zero gate gradients, dh and dc pass through
+    for (int64_t j = 0; j < H; ++j) {
+      const float* w = &ws[b * WS];
+      const double d = double(dh_in[b * H + j]) + (grad_out ? go[b * H + j] : 0.0);
+      double* gi = &rdgi[b * G];
+      rdh[b * H + j] = 0;
+      if (cell == Cell::LSTM) {
+        const double i = w[j], f = w[H + j], g = w[2 * H + j], o = w[3 * H + j], tc = std::tanh(double(w[4 * H + j]));
+        const double dct = dc_in[b * H + j] + d * o * (1 - tc * tc);
+        gi[j] = dct * g * i * (1 - i), gi[H + j] = dct * cp[b * H + j] * f * (1 - f);
+        gi[2 * H + j] = dct * i * (1 - g * g), gi[3 * H + j] = d * tc * o * (1 - o);
+        rdc[b * H + j] = dct * f;
+      } else if (cell == Cell::GRU) {
+        const double r = w[j], z = w[H + j], n = w[2 * H + j], hn = w[3 * H + j];
+        const double dnp = d * (1 - z) * (1 - n * n);
+        gi[j] = rdgh[b * G + j] = dnp * hn * r * (1 - r);
+        gi[H + j] = rdgh[b * G + H + j] = d * (hp[b * H + j] - n) * z * (1 - z);
+        gi[2 * H + j] = dnp;
+        rdgh[b * G + 2 * H + j] = dnp * r;
+        rdh[b * H + j] = d * z;
+      } else {
+        const double y = outv[b * H + j];
+        gi[j] = cell == Cell::RNN_TANH ? d * (1 - y * y) : (y > 0 ? d : 0.0);
+      }
+    }
+  }
+  check(name + " dgi", dgi.data(), rdgi);
+  if (cell == Cell::GRU) check(name + " dgh", dgh_buf.data(), rdgh);
+  check(name + " dh", dh.data(), rdh);
+  if (cell == Cell::LSTM) check(name + " dc", dc.data(), rdc);
+}
+
+// csrc/optim/math.h on at::vec vectors (the CPU optimizer's Ops) against double scalars.
+struct VOps {
+  static Vectorized<float> sqrt(Vectorized<float> x) { return x.sqrt(); }
+  static Vectorized<float> max(Vectorized<float> a, Vectorized<float> b) { return at::vec::maximum(a, b); }
+};
+struct DOps {
+  static double sqrt(double x) { return std::sqrt(x); }
+  static double max(double a, double b) { return a > b ? a : b; }
+};
+
+void optim_case(Rng& rng) {
+  using namespace fastnn::optim;
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  const int64_t n = 3 * W;
+  for (int variant = 0; variant < 6; ++variant) {
+    const AdamFlags af{variant % 2 == 1, variant >= 2, variant >= 2 && variant < 4};
+    const SgdFlags sf{variant != 0, variant % 2 == 1 && variant != 0, variant >= 3, variant == 4};
+    AdamCoeffs<double> c{1e-2, 0.9, 0.999, 0.1, 0.001, 1e-8, 0.01, 1 - 1e-4, 1e-2 / (1 - 0.9 * 0.9),
+                         std::sqrt(1 - 0.999 * 0.999)};
+    const SgdCoeffs<double> sc{0.05, 0.9, 0.9, 0.01};
+    auto p = rng.vec(n, -1, 1), g = rng.vec(n, -1, 1), m = rng.vec(n, -0.1f, 0.1f), v = rng.vec(n, 0, 0.01f);
+    auto vm = rng.vec(n, 0, 0.02f), buf = rng.vec(n, -0.1f, 0.1f);
+    std::vector<double> rp(n), rm(n), rv(n), rvm(n), sp(n), sb(n);
+    for (int64_t i = 0; i < n; ++i) {
+      double P = p[i], M = m[i], Vv = v[i], X = vm[i];
+      adam_update<double, DOps>(P, double(g[i]), M, Vv, X, c, af);
+      rp[i] = P, rm[i] = M, rv[i] = Vv, rvm[i] = X;
+      double Q = p[i], Bf = buf[i];
+      sgd_update<double>(Q, double(g[i]), Bf, sc, sf);
+      sp[i] = Q, sb[i] = Bf;
+    }
+    AdamCoeffs<float> cf{float(c.lr), float(c.beta1), float(c.beta2), float(c.one_minus_beta1),
+                         float(c.one_minus_beta2), float(c.eps), float(c.weight_decay), float(c.decay_factor),
+                         float(c.step_size), float(c.bias_correction2_sqrt)};
+    const SgdCoeffs<float> scf{float(sc.lr), float(sc.momentum), float(sc.one_minus_dampening), float(sc.weight_decay)};
+    std::vector<float> q = p;
+    for (int64_t i = 0; i < n; i += W) {
+      V P = V::loadu(&p[i]), M = V::loadu(&m[i]), Vv = V::loadu(&v[i]), X = V::loadu(&vm[i]);
+      adam_update<V, VOps>(P, V::loadu(&g[i]), M, Vv, X, cf, af);
+      P.store(&p[i]), M.store(&m[i]), Vv.store(&v[i]), X.store(&vm[i]);
+      V Q = V::loadu(&q[i]), Bf = V::loadu(&buf[i]);
+      sgd_update<V>(Q, V::loadu(&g[i]), Bf, scf, sf);
+      Q.store(&q[i]), Bf.store(&buf[i]);
+    }
+    const std::string name = "optim variant " + std::to_string(variant);
+    check(name + " adam p", p.data(), rp, 1e-5);
+    check(name + " adam m", m.data(), rm, 1e-5);
+    check(name + " adam v", v.data(), rv, 1e-5);
+    if (af.amsgrad) check(name + " adam vmax", vm.data(), rvm, 1e-5);
+    check(name + " sgd p", q.data(), sp, 1e-5);
+    check(name + " sgd buf", buf.data(), sb, 1e-5);
+  }
+}
+
+}  // namespace
+
+int main() {
+  Rng rng;
+  int cases = 0;
+  for (Cell cell : {Cell::LSTM, Cell::GRU, Cell::RNN_TANH, Cell::RNN_RELU})
+    for (int64_t H : {1, 3, 8, 17, 33, 70}) {
+      for (int flags = 0; flags < 4; ++flags, ++cases) forward_case(cell, H, flags & 1, flags & 2, rng);
+      for (bool go : {false, true}) backward_case(cell, H, go, rng), ++cases;
+    }
+  optim_case(rng);
+  std::printf("%s: %d failure(s); %d recurrent-step cases, 6 optimizer cases; at::vec float width %d\n",
+              g_failures ? "FAILED" : "passed", g_failures, cases, int(Vectorized<float>::size()));
+  return g_failures ? 1 : 0;
+}
