@@ -248,7 +248,7 @@ def topk_gating(logits, top_k: int, score_func: str = "softmax", renormalize: bo
         w = op.Mul(w, _scalar(routed_scaling_factor))
     E = op.Gather(op.Shape(logits), op.Constant(value_int=1), axis=0)
     counts, sorted_slots, positions = _layout(ids, E)
-    return op.CastLike(w, logits), ids, counts, sorted_slots, positions
+    return w, ids, counts, sorted_slots, positions
 
 
 def permute_tokens(x, sorted_slots, top_k: int):
@@ -322,6 +322,8 @@ def _limits(name: str, a: dict) -> Optional[str]:
             return f"grouped routing (num_groups={a['num_groups']})"
         if a.get("capacity_factor", 0.0) > 0:
             return f"capacity-limited routing (capacity_factor={a['capacity_factor']})"
+        if a["logits"].dtype == torch.float64:
+            return "float64 logits (the translation routes in float32)"
     if name in ("lstm_seq", "gru_seq", "rnn_seq", "lstm_cell", "gru_cell") and a["input"].dtype != torch.float32:
         return f"a {a['input'].dtype} input (the ONNX recurrent ops are exported for float32)"
     return None
@@ -367,16 +369,15 @@ def _check_graph(program: "torch.export.ExportedProgram", table: dict) -> None:
     problems = []
     for node in program.graph.nodes:
         target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) \
+                or target.namespace != "fastnn":
             continue
-        if target.namespace != "fastnn" or target in table:
-            if target.namespace == "fastnn":
-                why = _limits(target._schema.name.split("::")[-1], _node_args(node))
-                if why:
-                    problems.append(f"{_module_of(node)} calls fastnn::{target._opname} with {why}")
-            continue
-        problems.append(f"{_module_of(node)} calls fastnn::{target._opname}, which has no ONNX translation "
-                        f"(translated: {', '.join(sorted(TRANSLATIONS))})")
+        name = target._schema.name.split("::")[-1]
+        if target not in table:
+            problems.append(f"{_module_of(node)} calls fastnn::{name}, which has no ONNX translation "
+                            f"(translated: {', '.join(sorted(TRANSLATIONS))})")
+        elif name in TRANSLATIONS and (why := _limits(name, _node_args(node))):
+            problems.append(f"{_module_of(node)} calls fastnn::{name} with {why}")
     if problems:
         raise UnsupportedError("fastnn.onnx.export: the model cannot be written as ONNX:\n  " + "\n  ".join(problems))
 

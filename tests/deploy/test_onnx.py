@@ -164,7 +164,8 @@ def test_an_option_without_translation_names_it(tmp_path, case):
     if case == "projection":
         model, match = nn.LSTM(F, H, proj_size=3).eval(), r"module '<root>'.*lstm_seq with an LSTM projection"
     elif case == "training":
-        model, match = nn.LSTM(F, H, num_layers=2, dropout=0.5).train(), r"lstm_seq with a dropout mask.*\.eval\(\)"
+        model = fastnn.LSTM(F, H, recurrent_dropout=0.5).train()
+        match = r"lstm_seq with a dropout mask.*\.eval\(\)"
     else:
         opts = dict(capacity_factor=1.0) if case == "capacity" else dict(num_groups=2, topk_groups=1)
         model = nn.Sequential(fastnn.MoE(F, 6, 4, 2, **opts)).eval()
