@@ -13,10 +13,9 @@ standard ONNX ops (opset 18 operators, usable with any ``opset_version`` >= 18):
   two scales, so the numbers are fastnn's (``DynamicQuantizeLinear`` quantizes a whole tensor to
   uint8 with one scale and a zero point, which is not fastnn's scheme); weight-only layers are
   ``MatMul`` with the int8 weights cast to float;
-* ``fastnn::int8_{lstm,gru,rnn}_seq``: the float ``LSTM`` / ``GRU`` / ``RNN`` op on the weights
-  dequantized in the graph (stored as int8 plus one scale per output channel). The activations are
-  not re-quantized each step, so a dynamic-mode layer differs from fastnn's int8 kernel by the
-  activation rounding (within the int8 tolerance); a ``weight_only`` layer is exact;
+* ``fastnn::int8_{lstm,gru,rnn}_seq``: the input projection of all steps as ``int8_linear`` above,
+  then a ``Scan`` whose body is one step of fastnn's int8 cell (the hidden state quantized per row,
+  ``MatMulInteger`` with the int8 recurrent weight, fp32 gate math), so the numbers are fastnn's;
 * the MoE ops (``topk_gating``, ``moe_mlp``, ``permute_tokens``, ``unpermute_tokens``,
   ``grouped_mm``): standard ops (``TopK``, ``CumSum``, ``ScatterElements``, ``MatMul``...). The
   grouped GEMM runs every expert on every routed row and keeps each row's own expert, as the
@@ -33,8 +32,12 @@ import copy
 import math
 from typing import Any, Callable, Optional
 
+import onnx_ir as ir
+import onnxscript.evaluator
 import torch
+from onnx_ir import tape as ir_tape
 from onnxscript import opset18 as op
+from torch.onnx._internal.exporter import _tensors
 
 __all__ = ["export", "UnsupportedError", "TRANSLATIONS"]
 
@@ -48,13 +51,13 @@ class UnsupportedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Small helpers (called while the exporter traces a translation: the values are ONNX values).
 
-def _ints(*v: int):
-    return op.Constant(value_ints=list(v))
+def _ints(*v: int, o=op):
+    return o.Constant(value_ints=list(v))
 
 
-def _scalar(v: float, like=None):
-    c = op.Constant(value_float=float(v))
-    return c if like is None else op.CastLike(c, like)
+def _scalar(v: float, like=None, o=op):
+    c = o.Constant(value_float=float(v))
+    return c if like is None else o.CastLike(c, like)
 
 
 def _static(value, dim: int, what: str) -> int:
@@ -82,16 +85,10 @@ def _gates(w, kind: str, H: int):
     return op.Gather(w, op.Constant(value_ints=rows), axis=0)
 
 
-def _dequantized(w_q, scale):
-    return op.Mul(op.Cast(w_q, to=_FLOAT), op.Unsqueeze(scale, _ints(1)))
-
-
 def _recurrent(kind: str, input, states, w_ih, w_hh, b_ih, b_hh, lengths, reverse: bool,
                nonlinearity: str = "tanh"):
-    """One layer and direction over ``input`` [T, B, I] with states [B, H]: (output [T, B, H], *finals).
-    ``w_ih``, ``w_hh``: float weights, or (int8 weight, scale) pairs to dequantize."""
-    H = _static(w_hh[0] if isinstance(w_hh, tuple) else w_hh, 1, f"fastnn::{kind}_seq")
-    w_ih, w_hh = [_dequantized(*w) if isinstance(w, tuple) else w for w in (w_ih, w_hh)]
+    """One layer and direction over ``input`` [T, B, I] with states [B, H]: (output [T, B, H], *finals)."""
+    H = _static(w_hh, 1, f"fastnn::{kind}_seq")
     W = op.Unsqueeze(_gates(w_ih, kind, H), _ints(0))
     R = op.Unsqueeze(_gates(w_hh, kind, H), _ints(0))
     B = None
@@ -150,49 +147,125 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     return h, _unused()
 
 
+# ---------------------------------------------------------------------------------------------
+# int8 Linear: fastnn's per-row symmetric dynamic quantization, then MatMulInteger.
+
+def _quantize_rows(x, o=op):
+    """fastnn.reference.quantized.quantize_rows over the last axis: (x_q int8, scale [..., 1]); a
+    row holding NaN or inf gets scale NaN and zeros, so its outputs are NaN."""
+    amax = o.ReduceMax(o.Abs(x), _ints(-1, o=o), keepdims=1)
+    scale = o.Div(amax, _scalar(127.0, o=o))
+    scale = o.Where(o.Equal(amax, _scalar(0.0, o=o)), _scalar(1.0, o=o), scale)
+    finite = o.Not(o.Or(o.IsNaN(scale), o.IsInf(scale)))
+    safe = o.Where(finite, scale, _scalar(1.0, o=o))
+    q = o.Clip(o.Round(o.Div(x, safe)), _scalar(-127.0, o=o), _scalar(127.0, o=o))
+    q = o.Cast(o.Where(finite, q, _scalar(0.0, o=o)), to=_INT8)
+    return q, o.Where(finite, scale, _scalar(float("nan"), o=o))
+
+
+def _int8_matmul(x, w_t, w_scale, bias, weight_only: bool, o=op):
+    """fastnn.reference.quantized.int8_linear with the int8 weight transposed (``w_t`` [K, N])."""
+    if weight_only:
+        y = o.Mul(o.MatMul(x, o.Cast(w_t, to=_FLOAT)), w_scale)
+    else:
+        x_q, x_scale = _quantize_rows(x, o)
+        y = o.Mul(o.Mul(o.Cast(o.MatMulInteger(x_q, w_t), to=_FLOAT), x_scale), w_scale)
+    return y if bias is None else o.Add(y, bias)
+
+
+def int8_linear(input, w_q, w_scale, bias=None, weight_only: bool = False):
+    return _int8_matmul(input, op.Transpose(w_q, perm=[1, 0]), w_scale, bias, weight_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 recurrent layers: the input projection of every step as int8_linear, then a Scan whose body
+# is one step of fastnn.reference.quantized (the hidden state quantized per row, MatMulInteger).
+
+class _Subgraph:
+    """``op.<Name>(...)`` over an onnx_ir tape: builds the body graph of a Scan."""
+
+    def __init__(self):
+        self.tape = ir_tape.Tape()
+
+    def __getattr__(self, name: str):
+        def emit(*inputs, **attrs):
+            if name == "Split":
+                return self.tape.op_multi_out(name, list(inputs), attrs, num_outputs=attrs["num_outputs"])
+            return self.tape.op(name, list(inputs), attrs)
+        return emit
+
+
+def _step(kind: str, o, states, gi, w_t, w_scale, bias, weight_only: bool, nonlinearity: str):
+    """One step of fastnn's int8 cell: the new states (the first is the output)."""
+    h = states[0]
+    gh = _int8_matmul(h, w_t, w_scale, bias, weight_only, o)
+    if kind == "lstm":
+        i, f, g, out = o.Split(o.Add(gi, gh), axis=-1, num_outputs=4)
+        c = o.Add(o.Mul(o.Sigmoid(f), states[1]), o.Mul(o.Sigmoid(i), o.Tanh(g)))
+        return [o.Mul(o.Sigmoid(out), o.Tanh(c)), c]
+    if kind == "gru":
+        xr, xz, xn = o.Split(gi, axis=-1, num_outputs=3)
+        hr, hz, hn = o.Split(gh, axis=-1, num_outputs=3)
+        r, z = o.Sigmoid(o.Add(xr, hr)), o.Sigmoid(o.Add(xz, hz))
+        n = o.Tanh(o.Add(xn, o.Mul(r, hn)))
+        return [o.Add(o.Mul(o.Sub(_scalar(1.0, o=o), z), n), o.Mul(z, h))]
+    pre = o.Add(gi, gh)
+    return [o.Tanh(pre) if nonlinearity == "tanh" else o.Relu(pre)]
+
+
+def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                    reverse: bool, weight_only: bool, nonlinearity: str = "tanh"):
+    H = _static(w_hh_q, 1, f"fastnn::int8_{kind}_seq")
+    gi = _int8_matmul(input, op.Transpose(w_ih_q, perm=[1, 0]), w_ih_scale, b_ih, weight_only)  # [T, B, G]
+    w_t = op.Transpose(w_hh_q, perm=[1, 0])
+    body = _Subgraph()
+
+    def value(name, dtype, shape):
+        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+
+    b_states = [value(f"state{i}", ir.DataType.FLOAT, [None, H]) for i in range(len(states))]
+    b_gi = value("gi", ir.DataType.FLOAT, [None, len(_GATE_ORDER[kind]) * H])
+    new = _step(kind, body, b_states, b_gi, w_t, w_hh_scale, b_hh, weight_only, nonlinearity)
+    scan_inputs, b_inputs = [gi], [b_gi]
+    if lengths is None:
+        out = new[0]
+    else:  # sequence b stops at lengths[b]: its state stays, its output is 0 (fastnn's convention)
+        b_t = value("t", ir.DataType.INT64, [])
+        live = body.Unsqueeze(body.Less(b_t, lengths), _ints(1, o=body))
+        new = [body.Where(live, n, s) for n, s in zip(new, b_states)]
+        out = body.Where(live, new[0], _scalar(0.0, o=body))
+        T = op.Gather(op.Shape(input), op.Constant(value_int=0), axis=0)
+        scan_inputs.append(_arange_like(T))
+        b_inputs.append(b_t)
+    outs = [body.Identity(n) for n in new] + [body.Identity(out)]
+    graph = ir.Graph([*b_states, *b_inputs], outs, nodes=body.tape.nodes, name=f"int8_{kind}_step",
+                     opset_imports={"": 18})
+    recorder = onnxscript.evaluator.default()
+    results = [_tensors.SymbolicTensor(recorder.opset) for _ in range(len(states) + 1)]
+    direction = 1 if reverse else 0
+    recorder.nodes.append(ir.Node("", "Scan", [*states, *scan_inputs], outputs=results, version=18, attributes=[
+        ir.AttrGraph("body", graph), ir.AttrInt64("num_scan_inputs", len(scan_inputs)),
+        ir.AttrInt64s("scan_input_directions", [direction] * len(scan_inputs)),
+        ir.AttrInt64s("scan_output_directions", [direction])]))
+    return (results[-1], *results[:-1])
+
+
 def int8_lstm_seq(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih=None, b_hh=None, lengths=None,
                   reverse: bool = False, weight_only: bool = False):
-    return _recurrent("lstm", input, (h0, c0), (w_ih_q, w_ih_scale), (w_hh_q, w_hh_scale),
-                      b_ih, b_hh, lengths, reverse)
+    return _int8_recurrent("lstm", input, (h0, c0), w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                           reverse, weight_only)
 
 
 def int8_gru_seq(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih=None, b_hh=None, lengths=None,
                  reverse: bool = False, weight_only: bool = False):
-    return _recurrent("gru", input, (h0,), (w_ih_q, w_ih_scale), (w_hh_q, w_hh_scale),
-                      b_ih, b_hh, lengths, reverse)
+    return _int8_recurrent("gru", input, (h0,), w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                           reverse, weight_only)
 
 
 def int8_rnn_seq(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih=None, b_hh=None, lengths=None,
                  reverse: bool = False, weight_only: bool = False, nonlinearity: str = "tanh"):
-    return _recurrent("rnn", input, (h0,), (w_ih_q, w_ih_scale), (w_hh_q, w_hh_scale),
-                      b_ih, b_hh, lengths, reverse, nonlinearity)
-
-
-# ---------------------------------------------------------------------------------------------
-# int8 Linear: fastnn's per-row symmetric dynamic quantization, then MatMulInteger.
-
-def _quantize_rows(x):
-    """fastnn.reference.quantized.quantize_rows over the last axis: (x_q int8, scale [..., 1]); a
-    row holding NaN or inf gets scale NaN and zeros, so its outputs are NaN."""
-    amax = op.ReduceMax(op.Abs(x), _ints(-1), keepdims=1)
-    scale = op.Div(amax, _scalar(127.0))
-    scale = op.Where(op.Equal(amax, _scalar(0.0)), _scalar(1.0), scale)
-    finite = op.Not(op.Or(op.IsNaN(scale), op.IsInf(scale)))
-    safe = op.Where(finite, scale, _scalar(1.0))
-    q = op.Clip(op.Round(op.Div(x, safe)), _scalar(-127.0), _scalar(127.0))
-    q = op.Cast(op.Where(finite, q, _scalar(0.0)), to=_INT8)
-    return q, op.Where(finite, scale, _scalar(float("nan")))
-
-
-def int8_linear(input, w_q, w_scale, bias=None, weight_only: bool = False):
-    w_t = op.Transpose(w_q, perm=[1, 0])
-    if weight_only:
-        y = op.Mul(op.MatMul(input, op.Cast(w_t, to=_FLOAT)), w_scale)
-    else:
-        x_q, x_scale = _quantize_rows(input)
-        acc = op.Cast(op.MatMulInteger(x_q, w_t), to=_FLOAT)
-        y = op.Mul(op.Mul(acc, x_scale), w_scale)
-    return y if bias is None else op.Add(y, bias)
+    return _int8_recurrent("rnn", input, (h0,), w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
+                           reverse, weight_only, nonlinearity)
 
 
 # ---------------------------------------------------------------------------------------------
