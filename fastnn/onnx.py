@@ -16,10 +16,9 @@ standard ONNX ops (opset 18 operators, usable with any ``opset_version`` >= 18):
 * ``fastnn::int8_{lstm,gru,rnn}_seq``: the input projection of all steps as ``int8_linear`` above,
   then a ``Scan`` whose body is one step of fastnn's int8 cell (the hidden state quantized per row,
   ``MatMulInteger`` with the int8 recurrent weight, fp32 gate math), so the numbers are fastnn's;
-* the MoE ops (``topk_gating``, ``moe_mlp``, ``permute_tokens``, ``unpermute_tokens``,
-  ``grouped_mm``): standard ops (``TopK``, ``CumSum``, ``ScatterElements``, ``MatMul``...). The
-  grouped GEMM runs every expert on every routed row and keeps each row's own expert, as the
-  reference does: exact, E times the FLOPs of fastnn's kernel.
+* the MoE ops (``topk_gating``, ``moe_mlp``, ``permute_tokens``, ``unpermute_tokens``, ``grouped_mm``):
+  ``TopK``, ``CumSum``, ``ScatterElements``, ``MatMul``...; the grouped GEMM runs every expert on
+  every routed row and keeps each row's own (as the reference does: exact, E times the FLOPs).
 
 An op or an option with no translation (a fastnn op missing from the table, an LSTM projection,
 dropout masks of a model left in training mode, capacity-limited or grouped MoE routing) raises
@@ -41,7 +40,7 @@ from torch.onnx._internal.exporter import _tensors
 
 __all__ = ["export", "UnsupportedError", "TRANSLATIONS"]
 
-_FLOAT, _INT32, _INT64, _INT8 = 1, 6, 7, 3  # onnx.TensorProto data types
+_FLOAT, _INT32, _INT64, _INT8, _BOOL = 1, 6, 7, 3, 9  # onnx.TensorProto data types
 
 
 class UnsupportedError(RuntimeError):
@@ -92,10 +91,9 @@ def _recurrent(kind: str, input, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
     W = op.Unsqueeze(_gates(w_ih, kind, H), _ints(0))
     R = op.Unsqueeze(_gates(w_hh, kind, H), _ints(0))
     B = None
-    if b_ih is not None or b_hh is not None:
-        zero = op.Mul(b_ih if b_ih is not None else b_hh, _scalar(0.0, b_ih if b_ih is not None else b_hh))
-        b_ih = zero if b_ih is None else b_ih
-        b_hh = zero if b_hh is None else b_hh
+    if b_ih is not None or b_hh is not None:  # ONNX has one B for both: a missing one is zeros
+        other = b_ih if b_ih is not None else b_hh
+        b_ih, b_hh = [op.Mul(other, _scalar(0.0)) if b is None else b for b in (b_ih, b_hh)]
         B = op.Unsqueeze(op.Concat(_gates(b_ih, kind, H), _gates(b_hh, kind, H), axis=0), _ints(0))
     seq = None if lengths is None else op.Cast(lengths, to=_INT32)
     init = [op.Unsqueeze(s, _ints(0)) for s in states]
@@ -113,8 +111,7 @@ def _recurrent(kind: str, input, states, w_ih, w_hh, b_ih, b_hh, lengths, revers
     return (op.Squeeze(Y, _ints(1)), *[op.Squeeze(f, _ints(0)) for f in finals])
 
 
-def _unused():
-    """Stands for an output no inference graph reads (the float ops' backward workspace)."""
+def _unused():  # an output no inference graph reads (the float ops' backward workspace)
     return op.ConstantOfShape(_ints(0))
 
 
@@ -189,7 +186,7 @@ class _Subgraph:
 
     def __getattr__(self, name: str):
         def emit(*inputs, **attrs):
-            if name == "Split":
+            if name == "Split":  # the only multi-output op of the bodies
                 return self.tape.op_multi_out(name, list(inputs), attrs, num_outputs=attrs["num_outputs"])
             return self.tape.op(name, list(inputs), attrs)
         return emit
@@ -234,8 +231,7 @@ def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_s
         live = body.Unsqueeze(body.Less(b_t, lengths), _ints(1, o=body))
         new = [body.Where(live, n, s) for n, s in zip(new, b_states)]
         out = body.Where(live, new[0], _scalar(0.0, o=body))
-        T = op.Gather(op.Shape(input), op.Constant(value_int=0), axis=0)
-        scan_inputs.append(_arange_like(T))
+        scan_inputs.append(_arange_like(_dim(input, 0)))
         b_inputs.append(b_t)
     outs = [body.Identity(n) for n in new] + [body.Identity(out)]
     graph = ir.Graph([*b_states, *b_inputs], outs, nodes=body.tape.nodes, name=f"int8_{kind}_step",
@@ -275,6 +271,10 @@ def _arange_like(n):
     return op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
 
 
+def _dim(x, i: int):
+    return op.Gather(op.Shape(x), op.Constant(value_int=i), axis=0)
+
+
 def _scores(x, score_func: str):
     if score_func == "softmax":
         return op.Softmax(x, axis=-1)
@@ -309,7 +309,7 @@ def topk_gating(logits, top_k: int, score_func: str = "softmax", renormalize: bo
     _, ids = op.TopK(sel, _ints(top_k), axis=-1, largest=1, sorted=1)  # ties: the lower index first
     if score_func == "topk_softmax":
         w = op.Softmax(op.GatherElements(x, ids, axis=1), axis=-1)
-        nan_row = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x), to=_FLOAT), _ints(-1), keepdims=1), to=9)
+        nan_row = op.Cast(op.ReduceMax(op.Cast(op.IsNaN(x), to=_FLOAT), _ints(-1), keepdims=1), to=_BOOL)
         w = op.Where(nan_row, _scalar(float("nan")), w)
     else:
         w = op.GatherElements(_scores(x, score_func), ids, axis=1)
@@ -319,8 +319,7 @@ def topk_gating(logits, top_k: int, score_func: str = "softmax", renormalize: bo
             w = op.Div(w, op.Where(op.Equal(denom, _scalar(0.0)), _scalar(1.0), denom))
     if routed_scaling_factor != 1.0:
         w = op.Mul(w, _scalar(routed_scaling_factor))
-    E = op.Gather(op.Shape(logits), op.Constant(value_int=1), axis=0)
-    counts, sorted_slots, positions = _layout(ids, E)
+    counts, sorted_slots, positions = _layout(ids, _dim(logits, 1))
     return w, ids, counts, sorted_slots, positions
 
 
@@ -338,10 +337,10 @@ def unpermute_tokens(y, slot_positions, weights):
 def grouped_mm(a, b, offsets, trans_b: bool = False):
     """out[r] = a[r] @ B_e(r): every expert's product of every row, then each row's own (rows past
     offsets[-1] belong to no expert and are zero)."""
-    rows = _arange_like(op.Gather(op.Shape(a), op.Constant(value_int=0), axis=0))
+    rows = _arange_like(_dim(a, 0))
     expert = op.ReduceSum(op.Cast(op.LessOrEqual(op.Unsqueeze(offsets, _ints(0)), op.Unsqueeze(rows, _ints(1))),
                                   to=_INT64), _ints(1), keepdims=0)  # searchsorted(offsets, r, right=True)
-    E = op.Gather(op.Shape(b), op.Constant(value_int=0), axis=0)
+    E = _dim(b, 0)
     mask = op.Equal(op.Unsqueeze(_arange_like(E), _ints(1, 2)), op.Unsqueeze(expert, _ints(0, 2)))  # [E, M, 1]
     bt = op.Transpose(b, perm=[0, 2, 1]) if trans_b else b
     every = op.MatMul(op.Unsqueeze(a, _ints(0)), bt)  # [E, M, N]
@@ -350,15 +349,15 @@ def grouped_mm(a, b, offsets, trans_b: bool = False):
 
 def _gated_activation(h, activation: str):
     gate, up = op.Split(h, axis=-1, num_outputs=2)
+    half = op.Mul(gate, _scalar(0.5, gate))
     if activation == "silu":
         act = op.Mul(gate, op.Sigmoid(gate))
     elif activation == "gelu":
-        act = op.Mul(op.Mul(gate, _scalar(0.5, gate)),
-                     op.Add(op.Erf(op.Mul(gate, _scalar(1 / math.sqrt(2), gate))), _scalar(1.0, gate)))
+        act = op.Mul(half, op.Add(op.Erf(op.Mul(gate, _scalar(1 / math.sqrt(2), gate))), _scalar(1.0, gate)))
     elif activation == "gelu_tanh":
         inner = op.Mul(op.Add(gate, op.Mul(op.Mul(op.Mul(gate, gate), gate), _scalar(0.044715, gate))),
                        _scalar(math.sqrt(2 / math.pi), gate))
-        act = op.Mul(op.Mul(gate, _scalar(0.5, gate)), op.Add(op.Tanh(inner), _scalar(1.0, gate)))
+        act = op.Mul(half, op.Add(op.Tanh(inner), _scalar(1.0, gate)))
     else:
         act = op.Relu(gate)
     return op.Mul(act, up)
@@ -381,15 +380,12 @@ TRANSLATIONS: dict[str, Callable] = {f.__name__: f for f in (
     topk_gating, permute_tokens, unpermute_tokens, grouped_mm, moe_mlp)}
 """fastnn op name (``torch.ops.fastnn.<name>``) -> its ONNX translation."""
 
-_TRAINING = "a dropout mask (the model is in training mode: call .eval() before exporting)"
-
-
 def _limits(name: str, a: dict) -> Optional[str]:
     """Why the call of ``fastnn::<name>`` with arguments ``a`` (schema names) has no translation."""
     if a.get("w_hr") is not None:
         return "an LSTM projection (proj_size > 0): ONNX's LSTM op has none"
     if a.get("h_mask") is not None:
-        return _TRAINING
+        return "a dropout mask (the model is in training mode: call .eval() before exporting)"
     if name == "topk_gating":
         if a.get("num_groups", 1) > 1:
             return f"grouped routing (num_groups={a['num_groups']})"

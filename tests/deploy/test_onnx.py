@@ -35,6 +35,10 @@ class Layers(nn.Module):
         self.rnn = nn.RNN(2 * H, H, nonlinearity="relu", batch_first=True)
         self.cell = nn.LSTMCell(H, H)
         self.moe = fastnn.MoE(H, 12, 4, 2)
+        self.moe_sigmoid = fastnn.MoE(H, 12, 4, 2, score_func="sigmoid", selection_bias=True, activation="gelu_tanh",
+                                      routed_scaling_factor=2.5, shared_expert_size=6, shared_expert_gate=True)
+        self.moe_sigmoid.e_score_correction_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
+        self.moe_top1 = fastnn.MoE(H, 12, 4, 1, score_func="topk_softmax", activation="gelu")
 
     def forward(self, x, lengths):
         y = self.head(x)
@@ -42,7 +46,8 @@ class Layers(nn.Module):
         g, hg = self.gru(s)
         r, hr = self.rnn(g, hg[:1].contiguous())  # an initial state
         hc, cc = self.cell(r[:, -1])
-        return y, r, self.moe(r), hc + cc, h, hg, *self._with_lengths(x, lengths)
+        return (y, r, self.moe(r), self.moe_sigmoid(r), self.moe_top1(r), hc + cc, h, hg,
+                *self._with_lengths(x, lengths))
 
     def _with_lengths(self, x, lengths):
         """Sequences of different lengths through the ops (``lengths`` is what a PackedSequence holds)."""
@@ -70,7 +75,7 @@ class FloatAndInt8(nn.Module):
         return (*self.fp32(x, lengths), *self.int8(x, lengths))
 
 
-N_OUT = 9
+N_OUT = 11
 
 RUNNER = """
 import json, sys
