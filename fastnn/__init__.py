@@ -22,10 +22,10 @@ __all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "libra
 
 
 def __getattr__(name: str):
-    # fastnn.distributed imports torch.distributed, which `import fastnn` does not pay for: it loads
-    # on first access.
-    if name == "distributed":
+    # fastnn.distributed imports torch.distributed and fastnn.onnx imports onnxscript, which
+    # `import fastnn` does not pay for: they load on first access.
+    if name in ("distributed", "onnx"):
         import importlib
 
-        return importlib.import_module(".distributed", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastnn' has no attribute {name!r}")
