@@ -13,6 +13,8 @@ on the sunspot series, and scored the same way.
 
     python examples/forecast.py            # full run (a few minutes on 2 idle CPU cores)
     python examples/forecast.py --quick    # a few epochs, as the test suite runs it
+    python examples/forecast.py --quantize # also: the CO2 model against its int8 version
+                                           # (fastnn.quantize_dynamic): RMSE, size, latency
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ def main(argv=None) -> dict:
     p.add_argument("--finetune-epochs", type=int, default=40,
                    help="epochs fine-tuning the head on the sunspot series (default: 40)")
     p.add_argument("--quick", action="store_true", help="3 + 5 epochs on the first 600 CO2 windows (smoke test)")
+    p.add_argument("--quantize", action="store_true",
+                   help="after training on CO2, compare the model with its int8 dynamic version "
+                        "(fastnn.quantize_dynamic): test RMSE, state_dict bytes, latency of one window")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.finetune_epochs = 3, 5
@@ -116,6 +121,12 @@ def main(argv=None) -> dict:
     co2 = rmse_levels(model, xte, last, target, stats)
     print(f"CO2 (weekly ppm, {len(xtr)} train / {len(xte)} test windows, {time.perf_counter() - t0:.1f} s): "
           f"LSTM RMSE {co2[0]:.3f} ppm, naive last-value RMSE {co2[1]:.3f} ppm")
+    quantized = None
+    if args.quantize:
+        from fastnn.quantized.report import compare
+
+        quantized = compare(model, lambda m: rmse_levels(m, xte, last, target, stats)[0], (xte[:1],),
+                            metric="RMSE (ppm)", sample_name="one 24-week window (batch 1)")
 
     # Transfer: freeze the recurrent layers, fine-tune the head with its own learning rate.
     xtr, ytr, xte, yte, last, target, stats = windows(load_series("sunspots"))
@@ -129,8 +140,11 @@ def main(argv=None) -> dict:
     sun = rmse_levels(model, xte, last, target, stats)
     print(f"sunspots (yearly, {len(xtr)} train / {len(xte)} test windows): transferred LSTM RMSE before "
           f"fine-tuning {before[0]:.2f}, after fine-tuning the head {sun[0]:.2f}, naive last-value RMSE {sun[1]:.2f}")
-    return {"co2_rmse": co2[0], "co2_naive": co2[1], "sun_before": before[0], "sun_rmse": sun[0],
-            "sun_naive": sun[1]}
+    res = {"co2_rmse": co2[0], "co2_naive": co2[1], "sun_before": before[0], "sun_rmse": sun[0],
+           "sun_naive": sun[1]}
+    if quantized:
+        res.update(int8_rmse=quantized["int8"]["metric"], size_ratio=quantized["int8"]["bytes"] / quantized["fp32"]["bytes"])
+    return res
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ script reports precision, recall and F1 of the flags against the injected truth.
 
     python examples/lstm_autoencoder.py            # full run (a few minutes on 2 idle CPU cores)
     python examples/lstm_autoencoder.py --quick    # a few epochs, as the test suite runs it
+    python examples/lstm_autoencoder.py --quantize # also: the model against its int8 version
+                                                   # (fastnn.quantize_dynamic): F1, size, latency
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=60,
                    help="training epochs of the autoencoder on the normal windows (default: 60)")
     p.add_argument("--quick", action="store_true", help="6 epochs (smoke test)")
+    p.add_argument("--quantize", action="store_true",
+                   help="after training, compare the model with its int8 dynamic version (fastnn.quantize_dynamic): "
+                        "F1 (threshold recomputed from the int8 model's training errors), state_dict bytes, "
+                        "latency of one window")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs = 6
@@ -112,14 +118,24 @@ def main(argv=None) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    threshold = np.percentile(errors(model, xtr), 99)
-    flags = (errors(model, xte) > threshold).astype(int)
+
+    def flag(m):
+        threshold = np.percentile(errors(m, xtr), 99)
+        return threshold, (errors(m, xte) > threshold).astype(int)
+
+    threshold, flags = flag(model)
     res = {"precision": precision_score(truth, flags, zero_division=0), "recall": recall_score(truth, flags),
            "f1": f1_score(truth, flags)}
     print(f"CO2 autoencoder: {len(xtr)} training windows, {len(xte)} test windows ({truth.sum()} anomalous), "
           f"trained {args.epochs} epochs in {time.perf_counter() - t0:.1f} s")
     print(f"threshold (99th percentile of training error) {threshold:.3f}: precision {res['precision']:.3f}, "
           f"recall {res['recall']:.3f}, F1 {res['f1']:.3f}")
+    if args.quantize:
+        from fastnn.quantized.report import compare
+
+        q = compare(model, lambda m: f1_score(truth, flag(m)[1]), (xte[:1],), metric="F1",
+                    sample_name="one 32-week window (batch 1)")
+        res.update(int8_f1=q["int8"]["metric"], size_ratio=q["int8"]["bytes"] / q["fp32"]["bytes"])
     return res
 
 

@@ -134,15 +134,23 @@ def train(impl: str, data: torch.Tensor, args, device, dtype) -> dict:
         if args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             rate = f"{tokens / seconds:,.0f} tokens/s" if seconds else "warming up"
             print(f"  {impl:8s} step {step + 1:4d}/{args.steps}  loss {losses[-1]:.3f}  {rate}", flush=True)
-    with torch.no_grad():  # held-out loss on the last 10% of the text
-        starts = torch.arange(n_train, len(data) - args.ctx - 1, args.ctx)[:64]
-        batch = torch.stack([data[s:s + args.ctx + 1] for s in starts]).to(device)
-        val = F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, 256), batch[:, 1:].reshape(-1))
     share = load / load.sum()
-    return {"impl": impl, "losses": losses, "first_loss": losses[0],
-            "final_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": float(val),
+    return {"impl": impl, "model": model, "losses": losses, "first_loss": losses[0],
+            "final_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": val_loss(model, data, args.ctx),
             "tokens_per_s": tokens / max(seconds, 1e-9), "expert_share": share.tolist(),
             "utilisation_entropy": float(-(share * share.clamp_min(1e-12).log()).sum() / math.log(len(share)))}
+
+
+def val_batch(data: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Up to 64 held-out sequences from the last 10% of the text."""
+    starts = torch.arange(int(len(data) * 0.9), len(data) - ctx - 1, ctx)[:64]
+    return torch.stack([data[s:s + ctx + 1] for s in starts])
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, data: torch.Tensor, ctx: int) -> float:
+    batch = val_batch(data, ctx).to(model.emb.weight.device)
+    return float(F.cross_entropy(model(batch[:, :-1]).float().reshape(-1, 256), batch[:, 1:].reshape(-1)))
 
 
 QUICK = dict(steps=20, batch=8, ctx=64, data_bytes=300_000)
@@ -164,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes of standard-library source to train on (default: 4000000)")
     p.add_argument("--log-every", type=int, default=None, metavar="N",
                    help="print the loss every N steps (default: ten times per run; 0: never)")
+    p.add_argument("--quantize", action="store_true",
+                   help="after training, compare the fastnn model (on the CPU, fp32) with its int8 dynamic version "
+                        "(fastnn.quantize_dynamic: every layer type it supports): validation loss, state_dict "
+                        "bytes, latency of one sequence")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
@@ -195,7 +207,24 @@ def run(args: argparse.Namespace) -> list[dict]:
         gap = max(abs(a - b) for a, b in zip(results[0]["losses"], results[1]["losses"]))
         print(f"largest loss difference between fastnn and the HF loop: {gap:.2e}")
         print(f"fastnn / HF loop throughput: {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
+    if args.quantize:
+        results[0]["quantized"] = quantized_report(results[0]["model"], data, args.ctx)
     return results
+
+
+def quantized_report(model: nn.Module, data: torch.Tensor, ctx: int) -> dict:
+    """The trained model (a CPU fp32 copy: the int8 kernels run on the CPU) against its int8 dynamic
+    version; prints which layers were quantized."""
+    import copy
+
+    from fastnn.quantized.report import compare
+
+    model = copy.deepcopy(model).cpu().float()
+    qmodel = fastnn.quantize_dynamic(model)
+    swapped = sorted({type(m).__name__ for m in qmodel.modules() if type(m).__module__.startswith("fastnn.quantized")})
+    print(f"quantized layer types: {', '.join(swapped) or 'none'} (the rest stays fp32)")
+    return compare(model, lambda m: val_loss(m, data, ctx), (val_batch(data, ctx)[:1, :-1],), qmodel=qmodel,
+                   metric="val loss", sample_name=f"one {ctx}-byte sequence (batch 1)")
 
 
 def main(argv: list[str] | None = None) -> int:

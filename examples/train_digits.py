@@ -4,7 +4,10 @@ schedule, beside the same run with torch.optim.AdamW: the two loss curves must a
 The network is the 784-128-64-10 MLP of the usual MNIST material with the input layer sized for
 8x8 images (64-128-64-10). Data: sklearn.datasets.load_digits (1797 images, shipped with the package).
 
-    python examples/train_digits.py [--epochs 30] [--device cpu|cuda]
+    python examples/train_digits.py [--epochs 30] [--device cpu|cuda] [--quantize]
+
+``--quantize`` then compares the trained MLP with its int8 dynamic version (fastnn.quantize_dynamic,
+on the CPU): test accuracy, state_dict bytes and the latency of one image.
 
 The time per epoch is measured after a warm-up epoch of each optimizer, with the two runs taking
 turns epoch by epoch: whichever ran first would otherwise pay the one-off costs of first calls.
@@ -89,6 +92,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to train: cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--quantize", action="store_true",
+                   help="compare the trained model with its int8 dynamic version (fastnn.quantize_dynamic, CPU): "
+                        "test accuracy, state_dict bytes, latency of one image")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -125,7 +131,24 @@ def main(argv=None):
     print(f"largest loss difference {worst:.2e}: {'OK' if ok else 'FAILED'} "
           f"(fastnn must {bar}follow torch's loss curve within 1e-4"
           + ("" if full else "; the accuracy bar applies from 20 epochs on") + ")")
+    if args.quantize:
+        ok = quantized_report(models["fastnn.optim.AdamW"], x_te, y_te) and ok
     return 0 if ok else 1
+
+
+def quantized_report(model, x_te, y_te, goal: float = 0.005) -> bool:
+    """The trained model against its int8 version (on the CPU: the int8 kernels have no GPU path);
+    True when the test accuracy moves by at most ``goal``."""
+    from fastnn.quantized.report import compare
+
+    model, x_te, y_te = copy.deepcopy(model).cpu(), x_te.cpu(), y_te.cpu()
+    res = compare(model, lambda m: accuracy(m, x_te, y_te), (x_te[:1],), metric="test accuracy",
+                  sample_name="one image (batch 1)")
+    drop = res["fp32"]["metric"] - res["int8"]["metric"]
+    ok = abs(drop) <= goal
+    print(f"int8 test accuracy {res['int8']['metric']:.4f} vs fp32 {res['fp32']['metric']:.4f}: "
+          f"{'OK' if ok else 'FAILED'} (within {goal * 100:.1f} points)")
+    return ok
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 // max|row| / 127, round to nearest even), products accumulate exactly in int32 through the
 // kernel variant chosen at run time (qgemm.h), and everything after the product is fp32:
 //   y[m, n] = float(acc[m, n]) * x_scale[m] * w_scale[n] + bias[n]
-// A row with NaN or inf has no finite scale; its quantized values are zeros and its scale NaN, so
-// its outputs are NaN and no other row sees it.
+// A row holding NaN or inf, or one larger than exact_row_limit(K), is computed exactly instead
+// (exact_row: fp64 sums over the dequantized weights), in both modes: NaN and inf then propagate
+// as in a float layer, a huge but finite row cannot overflow the fp32 path, and no other row sees
+// it. Every other row keeps 127 * K * max|x| below FLT_MAX, so neither the int8 epilogue nor the
+// fp32 sums of weight-only mode can overflow where the float layer does not.
 #include "quantized/quantized.h"
 
 #include <ATen/Parallel.h>
@@ -25,7 +28,13 @@ namespace {
 constexpr float kQmax = 127.f;
 constexpr int64_t kTileN = 64;  // output columns per parallel task
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+// Rows with a larger max|x| are computed exactly; see the header comment.
+float exact_row_limit(int64_t K) {
+  return std::numeric_limits<float>::max() / (128.f * static_cast<float>(std::max<int64_t>(K, 1)));
+}
+
+// max|x| over one row, or NaN when the row holds NaN or inf.
+float row_amax(const float* x, int64_t K) {
   float amax = 0.f;
   bool finite = true;
   for (int64_t k = 0; k < K; ++k) {
@@ -33,15 +42,37 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
     finite = finite && std::isfinite(v);
     amax = std::max(amax, std::fabs(v));
   }
-  if (!finite) {
+  return finite ? amax : std::numeric_limits<float>::quiet_NaN();
+}
+
+// Quantizes one row; returns false (q zeros) when the row is to be computed exactly instead.
+bool quantize_row(const float* x, int64_t K, float limit, int8_t* q, float* scale) {
+  const float amax = row_amax(x, K);
+  if (!(amax <= limit)) {  // NaN compares false
     std::fill(q, q + K, int8_t(0));
-    *scale = std::numeric_limits<float>::quiet_NaN();
-    return;
+    *scale = 0.f;
+    return false;
   }
-  const float s = amax == 0.f ? 1.f : amax / kQmax;
+  float s = amax / kQmax;
+  if (s == 0.f) s = 1.f;  // an all-zero row, or one so small that amax / 127 underflows
   for (int64_t k = 0; k < K; ++k)
     q[k] = static_cast<int8_t>(std::min(kQmax, std::max(-kQmax, std::nearbyint(x[k] / s))));
   *scale = s;
+  return true;
+}
+
+// y [N] for one row in fp64 from the fp32 input and the dequantized weights, rounded to fp32 once.
+void exact_row(const float* x, int64_t K, const int8_t* w, const float* w_scale, const float* bias, int64_t N,
+               float* y) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wn = w + n * K;
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x[k]) * static_cast<double>(wn[k]);
+      const float v = static_cast<float>(acc * static_cast<double>(w_scale[n]));
+      y[n] = bias ? v + bias[n] : v;
+    }
+  });
 }
 
 // Buffers one linear product needs, kept across the steps of a recurrence.
@@ -49,6 +80,7 @@ struct Scratch {
   std::vector<int8_t> xq;
   std::vector<float> xs;
   std::vector<int32_t> acc;
+  std::vector<uint8_t> exact;  // per row: computed by exact_row (not vector<bool>: written in parallel)
 };
 
 // y [M, N] = x [M, K] (fp32, row stride K) times w_q [N, K]^T, scaled, plus bias (may be null).
@@ -56,14 +88,18 @@ void linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* 
             int64_t N, bool weight_only, float* y, Scratch& s) {
   if (M == 0 || N == 0) return;
   const Kernels& kern = active_kernels();
+  const float limit = exact_row_limit(K);
+  s.exact.assign(M, 0);
   if (!weight_only) {
     s.xq.resize(M * K);
     s.xs.resize(M);
     s.acc.resize(M * N);
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; ++m) quantize_row(x + m * K, K, s.xq.data() + m * K, s.xs.data() + m);
-    });
   }
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      s.exact[m] = weight_only ? !(row_amax(x + m * K, K) <= limit)
+                               : !quantize_row(x + m * K, K, limit, s.xq.data() + m * K, s.xs.data() + m);
+  });
   // Tasks: blocks of rows x blocks of kTileN columns, so that batch 1 still spreads over the threads.
   const int64_t tiles_n = (N + kTileN - 1) / kTileN;
   const int64_t rows_per = std::max<int64_t>(1, std::min<int64_t>(M, 8));
@@ -92,6 +128,8 @@ void linear(const float* x, int64_t M, int64_t K, const int8_t* w, const float* 
       }
     }
   });
+  for (int64_t m = 0; m < M; ++m)
+    if (s.exact[m]) exact_row(x + m * K, K, w, w_scale, bias, N, y + m * N);
 }
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }

@@ -13,7 +13,14 @@ naming the float key.
 
 Inference only: a forward call whose input requires grad while autograd is recording raises a
 RuntimeError (the ops have no gradient; run under ``torch.no_grad()`` / ``torch.inference_mode()``).
-Dropout between recurrent layers is an inference no-op and is not applied. CPU only for now.
+Dropout between recurrent layers is an inference no-op and is not applied. CPU only for now: a
+module or input on another device raises NotImplementedError saying so.
+
+Dtypes: the arithmetic is fp32 whatever the float layer's dtype. A float64 (or float16/bfloat16)
+model quantizes from its own weights; an input of such a dtype (and its states) is computed in fp32
+and the outputs come back in the input's dtype, so a float64 model stays a float64 model to its
+caller. The scales and biases stay fp32 through ``.double()`` / ``.half()``, and
+``fastnn.dequantize`` gives float layers of the dtype that was quantized.
 """
 
 from __future__ import annotations
@@ -32,10 +39,41 @@ __all__ = ["Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 Tensor = torch.Tensor
 
 
+def _to_fp32(t):
+    """``t`` in fp32 (another floating dtype is converted; anything else is left to the op's checks)."""
+    return t.float() if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float32 else t
+
+
+def _back(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _Quantized(nn.Module):
     """State-dict handling shared by the quantized modules: ``_weights`` are the float weight names."""
 
     _weights: tuple[str, ...] = ()
+    _float_dtype: torch.dtype = torch.float32  # the dtype of the layer that was quantized
+
+    def _apply(self, fn, recurse=True):
+        # .double() / .half() / .to(dtype) would convert the fp32 scales and biases; the kernels read
+        # fp32, so they are kept in fp32 (device moves still apply).
+        super()._apply(fn, recurse)
+        for name, b in self._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                self._buffers[name] = b.float()
+        return self
+
+    def _check_device(self, input) -> None:
+        """NotImplementedError, naming the module, when it or its input is not on the CPU."""
+        where = {"the module's weights are": getattr(self, f"{self._weights[0]}_q").device} if self._weights else {}
+        if isinstance(input, Tensor):
+            where["the input is"] = input.device
+        for what, device in where.items():
+            if device.type != "cpu":
+                raise NotImplementedError(
+                    f"fastnn.quantized.{type(self).__name__}: {what} on {device}, but the int8 kernels run on "
+                    "the CPU only (no GPU path yet); keep the quantized model and its inputs on the CPU, or "
+                    "run fastnn.dequantize(model) to get float layers for the GPU")
 
     def _set_weight(self, name: str, w_q: Tensor, scale: Tensor) -> None:
         self.register_buffer(f"{name}_q", w_q)
@@ -46,6 +84,11 @@ class _Quantized(nn.Module):
 
     def _quantize_from(self, mod: nn.Module) -> None:
         """Quantize ``mod``'s weights into this module; copy its biases (``weight*`` -> ``bias*``) in fp32."""
+        dtype = getattr(mod, self._weights[0]).dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"fastnn.quantized.{type(self).__name__}: cannot quantize {type(mod).__name__} with "
+                            f"{dtype} weights (expected a floating dtype)")
+        self._float_dtype = dtype
         for name in self._weights:
             self._set_weight(name, *quantize_weight(getattr(mod, name)))
             b = getattr(mod, name.replace("weight", "bias"), None)
@@ -53,6 +96,7 @@ class _Quantized(nn.Module):
                 setattr(self, name.replace("weight", "bias"), b.detach().float().clone())
 
     def _dequantize_into(self, m: nn.Module) -> nn.Module:
+        m = m.to(self._float_dtype)
         with torch.no_grad():
             for name in self._weights:
                 getattr(m, name).copy_(self._dequantized(name))
@@ -111,7 +155,9 @@ class Linear(_Quantized):
         return self._dequantize_into(nn.Linear(self.in_features, self.out_features, self.bias is not None))
 
     def forward(self, input: Tensor) -> Tensor:
-        return qops.int8_linear(input, self.weight_q, self.weight_scale, self.bias, self.weight_only)
+        self._check_device(input)
+        y = qops.int8_linear(_to_fp32(input), self.weight_q, self.weight_scale, self.bias, self.weight_only)
+        return _back(y, input.dtype) if isinstance(input, Tensor) and input.is_floating_point() else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -202,6 +248,7 @@ class _RNNBase(_Recurrent):
     def forward(self, input, hx=None):
         name = f"fastnn.quantized.{type(self).__name__}"
         packed = isinstance(input, PackedSequence)
+        self._check_device(input.data if packed else input)
         lengths = None
         if packed:
             x, lengths = pad_packed_sequence(input)  # time-major, the caller's batch order
@@ -218,6 +265,8 @@ class _RNNBase(_Recurrent):
         T, B = x.shape[0], x.shape[1]
         if T == 0:  # as torch.nn's recurrent layers
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        dtype = x.dtype if x.is_floating_point() else torch.float32  # outputs in the input's dtype
+        x = _to_fp32(x)
         D = 2 if self.bidirectional else 1
         n_states = 2 if self._kind == "lstm" else 1
         if hx is None:  # zeros, already in the batched layout
@@ -226,6 +275,7 @@ class _RNNBase(_Recurrent):
             states = list(hx) if n_states == 2 else [hx]
             if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
                 raise TypeError(f"{name}: hx must be {'a tuple (h_0, c_0)' if n_states == 2 else 'a tensor'}")
+            states = [_to_fp32(s) for s in states]
             if not batched:
                 if any(s.dim() != 2 for s in states):
                     raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D")
@@ -244,7 +294,8 @@ class _RNNBase(_Recurrent):
                 for i in range(n_states):
                     finals[i].append(res[1 + i])
             x = outs[0] if D == 1 else torch.cat(outs, -1)
-        out_states = [torch.stack(f) for f in finals]
+        out_states = [_back(torch.stack(f), dtype) for f in finals]
+        x = _back(x, dtype)
         if packed:
             si, ui = input.sorted_indices, input.unsorted_indices
             padded = x if si is None else x.index_select(1, si)
@@ -311,17 +362,19 @@ class _CellBase(_Recurrent):
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got "
                              f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}D instead")
+        self._check_device(input)
+        dtype = input.dtype if input.is_floating_point() else torch.float32  # outputs in the input's dtype
         batched = input.dim() == 2
-        x = input if batched else input.unsqueeze(0)
+        x = _to_fp32(input if batched else input.unsqueeze(0))
         n_states = 2 if self._kind == "lstm" else 1
         if hx is None:
             zeros = x.new_zeros((x.shape[0], self.hidden_size))
             states = [zeros] * n_states
         else:
             states = list(hx) if n_states == 2 else [hx]
-            states = states if batched else [s.unsqueeze(0) for s in states]
+            states = [_to_fp32(s) for s in (states if batched else [s.unsqueeze(0) for s in states])]
         res = self._layer(x.unsqueeze(0), states, "", None, False)[1:]
-        res = res if batched else tuple(r.squeeze(0) for r in res)
+        res = tuple(_back(r, dtype) for r in (res if batched else (r.squeeze(0) for r in res)))
         return tuple(res) if n_states == 2 else res[0]
 
 

@@ -4,7 +4,8 @@ and the fallback of last resort.
 The quantization scheme (the compiled kernels in csrc/quantized/ compute the same numbers):
 
 * **Weights**: int8, symmetric, one fp32 scale per output channel (row of ``[N, K]``):
-  ``scale[n] = max_k |w[n, k]| / 127`` (1 for an all-zero row), ``w_q = round(w / scale)`` clamped to
+  ``scale[n] = max_k |w[n, k]| / 127`` (1 when that is 0: an all-zero row, or one so small that
+  the division underflows), ``w_q = round(w / scale)`` clamped to
   [-127, 127]. Made once, by :func:`quantize_weight`.
 * **Activations** (dynamic mode): quantized inside the op, **per row** (one scale per token of a
   Linear input, per batch row of a recurrent input or hidden state, recomputed every step), with the
@@ -28,15 +29,34 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["quantize_weight", "quantize_rows", "int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "QMAX"]
+__all__ = ["quantize_weight", "quantize_rows", "exact_row_limit", "int8_linear", "int8_lstm_seq", "int8_gru_seq",
+           "int8_rnn_seq", "QMAX"]
 
 QMAX = 127
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _row_amax(x: Tensor) -> Tensor:
+    return x.abs().amax(dim=-1) if x.shape[-1] > 0 else x.new_zeros(x.shape[:-1])
 
 
 def _row_scale(x: Tensor) -> Tensor:
-    amax = x.abs().amax(dim=-1) if x.shape[-1] > 0 else x.new_zeros(x.shape[:-1])
-    scale = amax / QMAX
-    return torch.where(amax == 0, torch.ones_like(scale), scale)
+    scale = _row_amax(x) / QMAX
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def exact_row_limit(K: int) -> float:
+    """The largest ``max|x_row|`` computed through the int8 (or fp32 weight-only) path for rows of
+    length ``K``; larger rows (and non-finite ones) are computed exactly in fp64. With ``|w_q| <=
+    127``, a row under it keeps every fp32 partial sum below ``FLT_MAX``. Computed in fp32 as the
+    kernels compute it."""
+    return float(torch.tensor(_FLT_MAX, dtype=torch.float32) / (128.0 * max(K, 1)))
+
+
+def _exact_rows(x: Tensor) -> Tensor:
+    """Rows of ``x [M, K]`` computed exactly: non-finite, or larger than :func:`exact_row_limit`
+    (``amax`` is NaN for a row holding NaN, so ``not <=`` catches it)."""
+    return ~(_row_amax(x) <= exact_row_limit(x.shape[-1]))
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,7 +87,9 @@ def int8_linear(input: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tens
 
     Dynamic mode (default): each row of ``input`` (one token) is quantized to int8 with its own
     scale, products are accumulated in int32. ``weight_only=True``: fp32 activations times the
-    dequantized weights, accumulated in fp32. Inference only (no gradient)."""
+    dequantized weights, accumulated in fp32. Rows holding NaN/inf or larger than
+    :func:`exact_row_limit` are computed in fp64 (see the module docstring). Inference only (no
+    gradient)."""
     lead = input.shape[:-1]
     x = input.reshape(lead.numel(), input.shape[-1])  # not -1: ambiguous when in_features is 0
     if weight_only:
@@ -77,6 +99,10 @@ def int8_linear(input: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tens
         acc = x_q.int() @ w_q.int().t() if x.shape[0] and w_q.shape[0] else \
             torch.zeros((x.shape[0], w_q.shape[0]), dtype=torch.int32)
         y = acc.float() * x_scale.unsqueeze(-1) * w_scale
+    rows = _exact_rows(x)
+    if bool(rows.any()) and w_q.shape[0]:
+        exact = (x[rows].double() @ w_q.double().t()) * w_scale.double()
+        y = y.index_put((rows.nonzero().squeeze(-1),), exact.float())
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, w_q.shape[0])

@@ -10,7 +10,7 @@ from ._examples import EXAMPLES, load_example, one_thread  # noqa: F401 (a fixtu
 
 def test_quick_run_learns_and_matches_the_loop(capsys, one_thread):
     module = load_example("moe_language_model")
-    args = module.parse_args(["--quick", "--log-every", "4"])
+    args = module.parse_args(["--quick", "--log-every", "4", "--quantize"])
     assert (args.steps, args.batch, args.ctx) == tuple(module.QUICK[k] for k in ("steps", "batch", "ctx"))
     fast, loop = module.run(args)
     out = capsys.readouterr().out
@@ -26,6 +26,11 @@ def test_quick_run_learns_and_matches_the_loop(capsys, one_thread):
     # Same initialisation, same batches, same routing: the curves agree to float rounding.
     assert max(abs(a - b) for a, b in zip(fast["losses"], loop["losses"])) < 1e-3
     assert "largest loss difference between fastnn and the HF loop" in out
+    # --quantize: the layers quantize_dynamic supports (here the output Linear) in int8, val loss within 1%
+    q = fast["quantized"]
+    assert "quantized layer types: Linear" in out and "fp32 against int8 dynamic" in out
+    assert abs(q["int8"]["metric"] - q["fp32"]["metric"]) <= 0.01 * q["fp32"]["metric"], q
+    assert q["int8"]["bytes"] < q["fp32"]["bytes"]
 
 
 def test_every_flag_of_every_example_has_a_description():

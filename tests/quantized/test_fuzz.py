@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
 
-SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.0]
+SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3e38, -1e37, 1e-44, 0.0]
 
 
 def _values(draw, shape, special: bool):
@@ -47,10 +47,9 @@ def linear_case(draw):
 
 
 def _same(got, want):
-    both_nan = torch.isnan(got) & torch.isnan(want)
-    # a non-finite input row gives NaN on every backend; finite rows agree to fp32 rounding
-    torch.testing.assert_close(torch.where(both_nan, 0.0, got), torch.where(both_nan, 0.0, want),
-                               rtol=1e-5, atol=1e-4, equal_nan=False)
+    # rows with NaN/inf/huge values are computed in fp64 on every backend: NaN and inf in the same
+    # places; other rows agree to fp32 rounding
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
 @given(linear_case())
@@ -61,8 +60,6 @@ def test_int8_linear(case):
     got = qops.int8_linear.call("cpu", x, w, s, bias, weight_only)
     want = qops.int8_linear.call("reference", x, w, s, bias, weight_only)
     assert got.shape == want.shape
-    if weight_only and not torch.isfinite(x).all():
-        return  # fp32 products of inf/huge values: NaN/inf patterns depend on summation order
     _same(got, want)
     assert torch.equal(x, x_before) or torch.isnan(x).any()  # inputs are never modified
 
@@ -73,7 +70,7 @@ def seq_case(draw):
     T, B = draw(st.sampled_from([1, 2, 5])), draw(st.sampled_from([0, 1, 3]))
     I, H = draw(st.sampled_from([1, 4, 33])), draw(st.sampled_from([1, 5, 8]))
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind] * H
-    x = _values(draw, (B, T, I), False).transpose(0, 1)  # batch-first storage, time-major view
+    x = _values(draw, (B, T, I), draw(st.booleans())).transpose(0, 1)  # batch-first storage, time-major view
     w_ih, s_ih = ref.quantize_weight(torch.randn(G, I))
     w_hh, s_hh = ref.quantize_weight(torch.randn(G, H))
     lengths = None
@@ -98,4 +95,5 @@ def test_int8_sequences(case):
         return
     got, want = op.call("cpu", *args), op.call("reference", *args)
     for g, r in zip(got, want):
-        torch.testing.assert_close(g, r, rtol=0, atol=2e-3)
+        # relu states after a huge input are huge: compare them relative to their size
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=2e-3, equal_nan=True)

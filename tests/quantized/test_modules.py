@@ -276,6 +276,78 @@ def test_empty_batch_and_empty_sequence_behave_as_float(backend):
         q(torch.randn(2, 0, 4))
 
 
+def test_empty_batches_behave_as_float(backend):
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        for m, x in ((lin, torch.randn(0, 4)), (lin, torch.randn(2, 0, 4)), (nn.GRU(4, 5), torch.randn(3, 0, 4)),
+                     (fnn.LSTM(4, 5, batch_first=True), torch.randn(0, 3, 4)), (nn.LSTMCell(4, 5), torch.randn(0, 4)),
+                     (nn.RNNCell(4, 5), torch.randn(0, 4))):
+            got, want = quantize_dynamic(m)(x), m(x)
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert g.shape == w.shape and g.dtype == w.dtype
+    with pytest.raises(RuntimeError, match="sequence length"):
+        quantize_dynamic(fnn.GRU(4, 5))(torch.randn(0, 2, 4))
+
+
+@pytest.mark.parametrize("cls", [nn.Linear, nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, fnn.GRU])
+def test_float64_model_quantizes_and_returns_float64(backend, cls):
+    torch.manual_seed(0)
+    m = cls(6, 8).double()
+    q = quantize_dynamic(m)
+    x = torch.randn(3, 2, 6, dtype=torch.float64) if cls not in (nn.Linear, nn.LSTMCell, nn.GRUCell) else \
+        torch.randn(2, 6, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = q(x), m(x)
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            assert g.dtype == torch.float64 and g.shape == w.shape and rel_err(g, w) < DYNAMIC_BOUND
+        if cls in (nn.LSTM, nn.GRU):  # initial states of the input's dtype, and a PackedSequence
+            hx = torch.zeros(1, 2, 8, dtype=torch.float64)
+            got = q(x, (hx, hx) if cls is nn.LSTM else hx)
+            assert got[0].dtype == torch.float64
+            packed = pack_padded_sequence(x, torch.tensor([3, 2]))
+            assert q(packed)[0].data.dtype == torch.float64
+    back = dequantize(q)
+    assert type(back) is cls and all(p.dtype == torch.float64 for p in back.parameters())
+    q.double()  # converting the quantized module keeps the fp32 scales and biases the kernels read
+    assert all(b.dtype in (torch.int8, torch.float32) for b in q.buffers())
+    with torch.no_grad():
+        assert torch.utils._pytree.tree_leaves(q(x))[0].dtype == torch.float64
+
+
+def test_float_inputs_of_other_dtypes_come_back_in_their_dtype(backend):
+    q = quantize_dynamic(nn.Linear(4, 3))
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float16):
+            assert q(torch.randn(2, 4, dtype=dtype)).dtype == dtype
+        with pytest.raises(ValueError, match="'int8_linear: input'.*float32"):
+            q(torch.ones(2, 4, dtype=torch.int64))
+
+
+def test_gru_and_rnn_refuse_proj_size_as_torch_does():
+    for torch_cls, fastnn_cls in ((nn.GRU, fnn.GRU), (nn.RNN, fnn.RNN)):
+        for value in (0, 2):
+            with pytest.raises(ValueError) as want:
+                torch_cls(4, 5, proj_size=value)
+            with pytest.raises(ValueError) as got:
+                fastnn_cls(4, 5, proj_size=value)
+            assert str(got.value) == str(want.value)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fnn.GRU(4, 5, projection=2)
+
+
+def test_module_on_another_device_names_itself():
+    # No GPU here: the meta device stands in for CUDA (the same check, on device.type).
+    for m, x in ((nn.Linear(4, 4), torch.randn(2, 4)), (nn.GRU(4, 4), torch.randn(2, 1, 4)),
+                 (nn.LSTMCell(4, 4), torch.randn(2, 4))):
+        q = quantize_dynamic(m)
+        name = type(q).__name__
+        with pytest.raises(NotImplementedError, match=f"fastnn.quantized.{name}: the input is on meta.*no GPU path"):
+            q(x.to("meta"))
+        q.to("meta")
+        with pytest.raises(NotImplementedError, match=f"fastnn.quantized.{name}: the module's weights are on meta"):
+            q(x)
+
+
 def test_non_cpu_input_says_there_is_no_gpu_path():
     q = quantize_dynamic(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(NotImplementedError, match="no GPU path"):

@@ -114,22 +114,83 @@ def test_sequence_lengths_keep_state_past_the_end():
     torch.testing.assert_close(out[:2, 1:], out2)
 
 
-def test_nan_row_does_not_poison_other_rows(backend):
-    x = torch.randn(4, 40)
+def dequantized_float(x, w, s, b=None):
+    """The float layer with the dequantized weights, in fp64 (no overflow on the way), rounded to fp32."""
+    y = ((x.double() @ w.double().t()) * s.double()).float()
+    return y if b is None else y + b
+
+
+def same_specials(got, want):
+    """NaN, +inf and -inf in exactly the same places."""
+    for f in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(f(got), f(want)), (f.__name__, got, want)
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_nan_and_inf_rows_propagate_as_in_the_float_layer_and_poison_no_other_row(backend, weight_only):
+    x = torch.randn(5, 40)
     w, s = weights(6, 40)
-    clean = qops.int8_linear.call(backend, x, w, s, None, False)
+    w[0, 3] = 0  # inf * 0 is NaN in the float layer too
+    b = torch.randn(6)
+    clean = qops.int8_linear.call(backend, x, w, s, b, weight_only)
     x[1, 3] = float("nan")
-    x[2, 0] = float("inf")
+    x[2, 3] = float("inf")
+    x[3, 0], x[3, 5] = -float("inf"), float("inf")
+    got = qops.int8_linear.call(backend, x, w, s, b, weight_only)
+    want = dequantized_float(x, w, s, b)
+    assert torch.isnan(got[1]).all()
+    # one inf input: +-inf by the weight's sign, NaN where the (dequantized) weight is 0
+    assert torch.isinf(got[2, 1:]).all() and torch.isnan(got[2, 0])
+    same_specials(got, want)
+    assert torch.equal(got[[0, 4]], clean[[0, 4]])
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+@pytest.mark.parametrize("magnitude", [1e30, 1e36, 3e38])
+def test_huge_finite_rows_stay_finite(backend, weight_only, magnitude):
+    # Where the float layer is finite the int8 layer is too: the old epilogue
+    # float(acc) * x_scale * w_scale overflowed to inf for rows near 1e36 and above.
+    x = torch.randn(3, 64)
+    x[1] *= magnitude / x[1].abs().max()
+    x[2, 7] = magnitude
+    w, s = weights(5, 64)
+    w_small = s / 1e3  # scales that keep the float outputs (~1e-3 x magnitude x 64) below FLT_MAX
+    got = qops.int8_linear.call(backend, x, w, w_small, None, weight_only)
+    want = dequantized_float(x, w, w_small)
+    assert torch.isfinite(want).all() and torch.isfinite(got).all(), got
+    torch.testing.assert_close(got, want, rtol=0.05, atol=1e-5 * float(want.abs().max()))
+
+
+def test_tiny_rows_give_no_nan(backend):
+    # max|x| / 127 underflows to 0 for subnormal rows: such a row must not divide by zero.
+    x = torch.full((2, 9), 1e-44)
+    x[1] = 0.0
+    x[1, 2] = 1e-45
+    w, s = weights(3, 9)
     got = qops.int8_linear.call(backend, x, w, s, None, False)
-    assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
-    assert torch.equal(got[[0, 3]], clean[[0, 3]])
-    xs, h0, c0, wl = lstm_args(5, 3, 8, 6)
-    clean = run_seq("lstm", backend, xs, h0, c0, wl)
-    xs[2, 1, 0] = float("nan")
-    got = run_seq("lstm", backend, xs, h0, c0, wl)
-    assert torch.isnan(got[0][2:, 1]).all() and torch.isnan(got[1][1]).all()
-    for g, c in zip(got, clean):
-        assert torch.equal(g[..., [0, 2], :], c[..., [0, 2], :])
+    assert torch.isfinite(got).all() and got.abs().max() < 1e-30
+
+
+def test_nan_inf_and_huge_inputs_in_sequences(backend):
+    # One input feature (I = 1): every gate's input weight is its row's maximum, never 0, so an inf
+    # input saturates the gates exactly as in the float layer and the state stays finite.
+    for kind in ("lstm", "gru", "rnn_tanh"):
+        x, h0, c0, w = lstm_args(5, 4, 1, 6, GATES[kind])
+        clean = run_seq(kind, backend, x, h0, c0, w)
+        x[2, 1, 0] = float("inf")
+        x[1, 2, 0] = -3e38
+        x[3, 3, 0] = float("nan")
+        got = run_seq(kind, backend, x, h0, c0, w)
+        assert torch.isfinite(got[0][:, :3]).all() and torch.isfinite(got[1][:3]).all(), (kind, got)
+        assert torch.isnan(got[0][3:, 3]).all() and torch.isnan(got[1][3]).all()
+        for g, c in zip(got, clean):  # rows 0 (untouched) and the others up to their first special step
+            assert torch.equal(g[..., 0, :], c[..., 0, :])
+        assert torch.equal(got[0][:2, 1], clean[0][:2, 1]) and torch.equal(got[0][:1, 2], clean[0][:1, 2])
+    # relu: a huge but finite input gives a huge but finite state, as in the float layer
+    x, h0, c0, w = lstm_args(3, 2, 1, 4, 1)
+    x[1, 0, 0] = 1e38
+    out, h = run_seq("rnn_relu", backend, x, h0, c0, (w[0], w[1] / 1e3, *w[2:]))
+    assert torch.isfinite(out).all() and torch.isfinite(h).all()
 
 
 def test_empty_sequences_and_batches():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -21,6 +22,17 @@ def _check_device(module: nn.Module, input: Tensor) -> None:
     w = flat[0] if flat else next(iter(module.parameters()), None)
     if w is not None:
         check_on(w, input)
+
+
+def _no_proj_size(init):
+    """torch.nn.GRU/RNN refuse ``proj_size`` (any value) with a ValueError; so do fastnn's, with
+    torch's message. functools.wraps keeps the signature that inspect shows."""
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        return init(self, *args, **kwargs)
+    return wrapper
 
 
 def _stack(states: list[Tensor]) -> Tensor:
@@ -328,6 +340,7 @@ class GRU(_RecurrentBase):
 
     _kind = "gru"
 
+    @_no_proj_size
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None,
                  dtype=None, *, recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
@@ -344,6 +357,7 @@ class RNN(_RecurrentBase):
 
     _kind = "rnn"
 
+    @_no_proj_size
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, recurrent_dropout: float = 0.0) -> None:

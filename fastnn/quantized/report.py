@@ -1,0 +1,66 @@
+"""A float model against its int8 version in one table: a quality metric, the state_dict's bytes
+and the latency of one call (what the examples' ``--quantize`` flag prints).
+
+    from fastnn.quantized.report import compare
+    res = compare(model, lambda m: accuracy(m, x_test, y_test), (x_test[:1],), metric="accuracy")
+
+The latency is a median over repeated calls in this process: on a machine shared with other work
+it says little; the benchmarks (``fastnn-bench``) are where speed is measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .convert import quantize_dynamic
+
+__all__ = ["compare", "state_dict_bytes", "latency_ms"]
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors in ``model.state_dict()`` (the payload of a saved file, without the
+    serialisation's own few hundred bytes per tensor)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def latency_ms(fn: Callable[[], Any], repeat: int = 30, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` under ``torch.no_grad()``, after ``warmup`` calls."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeat):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def compare(model: nn.Module, evaluate: Callable[[nn.Module], float], sample: tuple, *, metric: str = "metric",
+            sample_name: str = "one call", qmodel: Optional[nn.Module] = None, repeat: int = 30,
+            print_fn: Callable[[str], Any] = print) -> dict:
+    """Quantize a copy of ``model`` with :func:`fastnn.quantize_dynamic` (or take ``qmodel``) and print,
+    for both: ``evaluate(m)`` (a float; ``m`` in eval mode), :func:`state_dict_bytes` and the median
+    latency of ``m(*sample)``. ``model`` is left as it was. Returns ``{"fp32": {...}, "int8": {...},
+    "qmodel": the int8 model}`` with keys ``metric``, ``bytes`` and ``ms`` in each row."""
+    was_training = model.training
+    model.eval()
+    qmodel = quantize_dynamic(model) if qmodel is None else qmodel
+    qmodel.eval()
+    rows = {}
+    for name, m in (("fp32", model), ("int8", qmodel)):
+        rows[name] = {"metric": float(evaluate(m)), "bytes": state_dict_bytes(m),
+                      "ms": latency_ms(lambda: m(*sample), repeat=repeat)}
+    model.train(was_training)
+    f, q = rows["fp32"], rows["int8"]
+    print_fn(f"fp32 against int8 dynamic (fastnn.quantize_dynamic), latency of {sample_name} "
+             f"({torch.get_num_threads()} threads):")
+    print_fn(f"  {'':5} {metric:>14} {'state_dict bytes':>24} {'latency':>20}")
+    print_fn(f"  {'fp32':5} {f['metric']:14.4f} {f['bytes']:24,d} {f['ms']:17.3f} ms")
+    print_fn(f"  {'int8':5} {q['metric']:14.4f} {q['bytes']:16,d} ({q['bytes'] / f['bytes']:.3f}x) "
+             f"{q['ms']:10.3f} ms ({f['ms'] / q['ms']:.2f}x)")
+    return {"fp32": f, "int8": q, "qmodel": qmodel}
