@@ -358,3 +358,58 @@ def test_hf_model_router_logits_after_quantization():
     assert len(got.router_logits) == len(want.router_logits) == 1
     torch.testing.assert_close(got.router_logits[0], want.router_logits[0], rtol=0.05, atol=0.05)
     assert rel_err(got.logits, want.logits) < 0.1  # every Linear of the model is int8 too
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only on the GPU: the Triton kernels (run here by the Triton interpreter on CPU tensors)
+
+def needs_triton(args):
+    why = qops.int8_moe_mlp.reason("triton", *args, True)
+    if why is not None:
+        pytest.skip(f"the Triton backend cannot run here: {why}")
+
+
+@pytest.mark.parametrize("T,H,I,E,k,act,cap", [(9, 20, 12, 4, 2, "silu", 0.5), (5, 33, 17, 3, 1, "gelu", 0.0),
+                                               (0, 8, 4, 2, 2, "relu", 0.0), (20, 16, 8, 6, 2, "gelu_tanh", 0.0)])
+def test_triton_weight_only_moe_matches_reference(T, H, I, E, k, act, cap):
+    args = op_args(T, H, I, E, k, seed=T, act=act, capacity_factor=cap)
+    needs_triton(args)
+    got = qops.int8_moe_mlp.call("triton", *args, True)
+    want = qops.int8_moe_mlp.call("reference", *args, True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(float(want.abs().max()) if T else 1.0, 1e-3))
+
+
+def test_triton_weight_only_linear_matches_reference():
+    x = torch.randn(3, 5, 37)
+    w, s = ref.quantize_weight(torch.randn(19, 37))
+    b = torch.randn(19)
+    if qops.int8_linear.reason("triton", x, w, s, b, True) is not None:
+        pytest.skip(f"the Triton backend cannot run here: {qops.int8_linear.reason('triton', x, w, s, b, True)}")
+    for bias in (b, None):
+        torch.testing.assert_close(qops.int8_linear.call("triton", x, w, s, bias, True),
+                                   ref.int8_linear(x, w, s, bias, True), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_is_weight_only():
+    args = op_args(4, 8, 4, 2, 2)
+    needs_triton(args)
+    assert "weight-only" in qops.int8_moe_mlp.reason("triton", *args, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_only", [True, False])
+def test_quantized_moe_on_cuda(weight_only):
+    m = float_moe(top_k=2, shared_expert_size=24, shared_expert_gate=True)
+    q = quantize_dynamic(m, weight_only=weight_only).cuda()
+    x = torch.randn(2, 33, 32)
+    if not weight_only:
+        with pytest.raises(NotImplementedError, match="no GPU path"):
+            q(x.cuda())
+        return
+    with backends.force("reference", ops=["int8_moe_mlp", "int8_linear"]):
+        want = q.cpu()(x)
+    q.cuda()
+    with backends.force("triton", ops=["int8_moe_mlp", "int8_linear"]):
+        got = q(x.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
