@@ -220,7 +220,8 @@ def _moe(T: int, H: int, I: int, E: int, k: int) -> Run:
             f"({_bytes(int8) / _bytes(fp32):.2f}x); weight-only int8 max rel err {wo_err:.2g}")
     return Run(baseline=_no_grad(fp32, x), baseline_name="fastnn fp32", fastnn=_no_grad(int8, x),
                error=lambda: testing.max_rel_error(_no_grad(int8, x)(), want),
-               others={"torch fp32 (HF loop)": _no_grad(pb.hf_loop), "fastnn int8 weight-only": _no_grad(weight_only, x)},
+               others={"torch fp32 (HF loop)": _no_grad(pb.hf_loop),
+                       "fastnn int8 weight-only": _no_grad(weight_only, x)},
                flops=pb.flops, note=note)
 
 

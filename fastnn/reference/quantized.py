@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["quantize_weight", "quantize_rows", "int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "int8_moe_mlp",
-           "QMAX"]
+__all__ = ["quantize_weight", "quantize_rows", "int8_linear", "int8_lstm_seq", "int8_gru_seq", "int8_rnn_seq", "QMAX",
+           "int8_moe_mlp"]
 
 QMAX = 127
 

@@ -34,36 +34,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 Tensor = torch.Tensor
 
 
-def _configs():
-    if INTERPRET:  # the interpreter runs every config: one small one
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-                                 (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 4)]
-    ]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), small row tiles first: when decoding, an expert gets a
+# few tokens and the kernel reads weights. The interpreter runs every config: one small one.
+_TILES = [(16, 16, 16, 1, 1)] if INTERPRET else [(16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+                                                 (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 4)]
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+           for m, n, k, w, st in _TILES]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "M_BUCKET", "E", "GATHER", "ACT"])
+@triton.jit
+def _tile(off_ptr, idx_ptr, M, E, A_ROWS, TOP_K, G_PAD: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's row tile: its group, rows, row mask, and the rows of ``a`` it reads (with
+    GATHER, slot s reads token s // TOP_K; a slot out of range reads nothing)."""
+    group, r0, r_end = _locate_tile(off_ptr, tl.program_id(0), M, E, BLOCK_M, G_PAD)
+    rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    live = rows < r_end
+    src = rows
+    read = live
+    if GATHER:
+        slot = tl.load(idx_ptr + rows, mask=live, other=0)
+        src = slot // TOP_K
+        read = live & (slot >= 0) & (src < A_ROWS)
+    return group, rows, live, src, read
+
+
+@triton.autotune(configs=CONFIGS, key=["N", "K", "M_BUCKET", "E", "GATHER", "ACT"])
 @triton.jit
 def _wo_grouped_kernel(a_ptr, w_ptr, s_ptr, off_ptr, out_ptr, idx_ptr, M, N, K, E, M_BUCKET, A_ROWS, TOP_K,
                        stride_we, stride_se, G_PAD: tl.constexpr, GATHER: tl.constexpr, ACT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group, r0, r_end = _locate_tile(off_ptr, tile, M, E, BLOCK_M, G_PAD)
+    group, rows, rm, src, am = _tile(off_ptr, idx_ptr, M, E, A_ROWS, TOP_K, G_PAD, GATHER, BLOCK_M)
     if group <= E:
-        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = rows < r_end
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         cm = cols < N
-        if GATHER:
-            s = tl.load(idx_ptr + rows, mask=rm, other=0)
-            src = s // TOP_K
-            am = rm & (s >= 0) & (src < A_ROWS)
-        else:
-            src = rows
-            am = rm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if group < E:  # the group past the last expert keeps its zeros
             w_base = w_ptr + group.to(tl.int64) * stride_we
