@@ -4,6 +4,7 @@
 //   fastnn::int8_lstm_seq    one int8 LSTM layer and direction over a sequence
 //   fastnn::int8_gru_seq     one int8 GRU layer and direction over a sequence
 //   fastnn::int8_rnn_seq     one int8 Elman RNN layer and direction (tanh or relu)
+//   fastnn::int8_moe_mlp     the routed experts of an MoE layer with int8 expert weights
 //   fastnn::quantized_isa / quantized_isas / quantized_set_isa   which int8 kernel variant runs
 //
 // Inference only: no backward ops. Fake kernels and the Python API live in fastnn/ops/quantized.py;
@@ -55,6 +56,10 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
       "int8_rnn_seq(Tensor input, Tensor h0, Tensor w_ih_q, Tensor w_ih_scale, Tensor w_hh_q, "
       "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only, "
       "str nonlinearity) -> (Tensor, Tensor)");
+  m.def(
+      "int8_moe_mlp(Tensor x, Tensor sorted_slots, Tensor tokens_per_expert, Tensor slot_positions, "
+      "Tensor weights, Tensor gate_up_q, Tensor gate_up_scale, Tensor down_q, Tensor down_scale, "
+      "str activation, bool weight_only) -> Tensor");
   m.def("quantized_isa() -> str", &fastnn::quantized::isa);
   m.def("quantized_isas() -> str[]", &fastnn::quantized::isas);
   m.def("quantized_set_isa(str name) -> str", &fastnn::quantized::set_isa);
@@ -65,4 +70,5 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("int8_lstm_seq", &fastnn::quantized::int8_lstm_seq);
   m.impl("int8_gru_seq", &fastnn::quantized::int8_gru_seq);
   m.impl("int8_rnn_seq", &fastnn::quantized::int8_rnn_seq);
+  m.impl("int8_moe_mlp", &fastnn::quantized::int8_moe_mlp);
 }

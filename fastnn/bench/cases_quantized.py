@@ -201,3 +201,33 @@ def _linear_b1(device):
 @_cpu_case("linear_1024_B64", "B=64 1024->1024", _LINEAR_GOAL)
 def _linear_b64(device):
     return _linear(64)
+
+
+def _moe(T: int, H: int, I: int, E: int, k: int) -> Run:
+    """fastnn.MoE (fp32: the baseline) against its int8 layer, with the Hugging Face loop (torch fp32)
+    and the weight-only int8 layer beside them. No onnxruntime columns: fastnn's MoE ops do not
+    export to a graph onnxruntime runs."""
+    from .cases_moe import _Problem
+
+    pb = _Problem(torch.device("cpu"), T=T, H=H, I=I, E=E, k=k, dtype=torch.float32)
+    fp32 = pb.layer.eval()
+    int8, weight_only = quantize_dynamic(fp32), quantize_dynamic(fp32, weight_only=True)
+    x = pb.x
+    with torch.inference_mode():
+        want = fp32(x)
+        wo_err = testing.max_rel_error(weight_only(x), want)
+    note = (f"saved weights: fp32 {_bytes(fp32) / 1024:.0f} KiB, int8 {_bytes(int8) / 1024:.0f} KiB "
+            f"({_bytes(int8) / _bytes(fp32):.2f}x); weight-only int8 max rel err {wo_err:.2g}")
+    return Run(baseline=_no_grad(fp32, x), baseline_name="fastnn fp32", fastnn=_no_grad(int8, x),
+               error=lambda: testing.max_rel_error(_no_grad(int8, x)(), want),
+               others={"torch fp32 (HF loop)": _no_grad(pb.hf_loop),
+                       "fastnn int8 weight-only": _no_grad(weight_only, x)},
+               flops=pb.flops, note=note)
+
+
+@_cpu_case("moe_layer_T512", "T=512 H=512 I=1024 E=8 k=2",
+           Goal(1.5, "int8 experts against fastnn's fp32 experts (BLAS sgemm): the expert GEMMs are "
+                     "~all of the layer's time, and an int8 product does 4x the multiply-adds of an fp32 "
+                     "FMA per instruction"))
+def _moe_layer(device):
+    return _moe(512, 512, 1024, 8, 2)

@@ -1,4 +1,4 @@
-"""Quantized inference: int8 Linear, LSTM, GRU, RNN and their cells for the CPU.
+"""Quantized inference: int8 Linear, LSTM, GRU, RNN, their cells and MoE experts for the CPU.
 
 ``quantize_dynamic(model)`` swaps float layers for these modules (torch.ao.quantization's signature);
 ``dequantize(model)`` swaps them back. The ops are in fastnn.ops.quantized, their references (and the
@@ -7,5 +7,7 @@ quantization scheme) in fastnn.reference.quantized.
 
 from .convert import default_mapping, dequantize, quantize_dynamic
 from .modules import GRU, LSTM, RNN, GRUCell, Linear, LSTMCell, RNNCell
+from .moe import MoE
 
-__all__ = ["quantize_dynamic", "dequantize", "default_mapping", "Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+__all__ = ["quantize_dynamic", "dequantize", "default_mapping", "Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
+           "MoE"]

@@ -18,9 +18,19 @@ def default_mapping() -> dict[type, type]:
     """Float module type -> quantized module type (exact types, as torch's mapping: a subclass of
     nn.Linear such as MultiheadAttention's out_proj is not swapped)."""
     from ..nn import rnn as fnn  # fastnn's float layers (imported here: fastnn.nn is not needed to import this)
-    return {nn.Linear: Linear, nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell,
-            nn.RNNCell: RNNCell, fnn.LSTM: LSTM, fnn.GRU: GRU, fnn.RNN: RNN, fnn.LSTMCell: LSTMCell,
-            fnn.GRUCell: GRUCell, fnn.RNNCell: RNNCell}
+    table = {nn.Linear: Linear, nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell,
+             nn.RNNCell: RNNCell, fnn.LSTM: LSTM, fnn.GRU: GRU, fnn.RNN: RNN, fnn.LSTMCell: LSTMCell,
+             fnn.GRUCell: GRUCell, fnn.RNNCell: RNNCell}
+    table.update(_moe_mapping())
+    return table
+
+
+def _moe_mapping() -> dict[type, type]:
+    """fastnn.MoE and the Hugging Face blocks fastnn.convert made into one (one class per family)."""
+    from ..integrations.hf_moe import HuggingFaceMoE  # does not import transformers
+    from ..nn.moe import MoE as FloatMoE
+    from .moe import MoE
+    return {cls: MoE for cls in (FloatMoE, *HuggingFaceMoE.__subclasses__())}
 
 
 def _spec(qconfig_spec: Any, mapping: dict) -> tuple[set, set]:
@@ -78,7 +88,8 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
     ``torch.ao.quantization.quantize_dynamic``, including fastnn's recurrent layers.
 
     ``qconfig_spec``: None (every type in the mapping: nn.Linear, nn.LSTM, nn.GRU, nn.RNN, the three
-    cells and their fastnn.nn counterparts), a set of module types and/or submodule names, or a dict with those keys (values other
+    cells, their fastnn.nn counterparts and fastnn.MoE, including the Hugging Face MoE blocks that
+    fastnn.convert converted: their experts), a set of module types and/or submodule names, or a dict with those keys (values other
     than None select; the qconfig itself is not read: the scheme is fastnn's, see
     fastnn.reference.quantized). ``dtype``: torch.qint8 only (float16 weights are not supported yet).
     ``mapping`` extends/overrides :func:`default_mapping`. ``inplace=False`` quantizes a deep copy.
@@ -119,5 +130,7 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every fastnn.quantized module by its float layer (weights ``w_q * scale``, fp32)."""
     if not inplace:
         model = copy.deepcopy(model)
-    model, _ = _swap(model, lambda name, mod: isinstance(mod, (Linear, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)), lambda mod: mod.to_float())
+    from .moe import MoE
+    quantized = (Linear, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell, MoE)
+    model, _ = _swap(model, lambda name, mod: isinstance(mod, quantized), lambda mod: mod.to_float())
     return model

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 __all__ = ["quantize_weight", "quantize_rows", "exact_row_limit", "int8_linear", "int8_lstm_seq", "int8_gru_seq",
-           "int8_rnn_seq", "QMAX"]
+           "int8_rnn_seq", "QMAX", "int8_moe_mlp"]
 
 QMAX = 127
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -192,3 +192,35 @@ def int8_rnn_seq(input: Tensor, h0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, 
 
     out, (hn,) = _run(step, input, [h0], lengths, reverse)
     return out, hn
+
+
+def int8_moe_mlp(x: Tensor, sorted_slots: Tensor, tokens_per_expert: Tensor, slot_positions: Tensor,
+                 weights: Tensor, gate_up_q: Tensor, gate_up_scale: Tensor, down_q: Tensor, down_scale: Tensor,
+                 activation: str = "silu", weight_only: bool = False) -> Tensor:
+    """The routed experts of an MoE layer with int8 expert weights: ``fastnn.ops.moe_mlp`` where each
+    expert's two products are :func:`int8_linear` (no bias) -> ``[T, H]`` float32.
+
+    ``x [T, H]`` float32 tokens; ``sorted_slots [T*k]``, ``tokens_per_expert [E]``, ``slot_positions
+    [T, k]`` (int64) and ``weights [T, k]`` (float32) as :func:`fastnn.ops.topk_gating` returns them
+    (slots dropped by a capacity limit come last in ``sorted_slots`` and weigh 0); ``gate_up_q [E, 2I,
+    H]`` int8 (the Hugging Face experts layout: gate rows, then up rows) with scales ``[E, 2I]``;
+    ``down_q [E, H, I]`` int8 with scales ``[E, H]``; ``activation`` of the gate: "silu", "gelu",
+    "gelu_tanh" or "relu". Each expert computes ``act(gate) * up`` of its tokens, then the down
+    product; the outputs are combined with the routing weights in float32.
+
+    Dynamic mode: each token row, and each row of the intermediate ``act(gate) * up``, is quantized
+    per row. ``weight_only=True``: fp32 rows, int8 weights dequantized. Inference only. This
+    reference reads ``tokens_per_expert`` on the host."""
+    from .moe import gated_activation, permute_tokens, unpermute_tokens
+
+    k = slot_positions.shape[1]
+    xs = permute_tokens(x, sorted_slots, k)
+    y = xs.new_zeros((xs.shape[0], down_q.shape[1]))
+    start = 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        if n:
+            h = int8_linear(xs[start:start + n], gate_up_q[e], gate_up_scale[e], None, weight_only)
+            y[start:start + n] = int8_linear(gated_activation(h, activation), down_q[e], down_scale[e], None,
+                                             weight_only)
+        start += n
+    return unpermute_tokens(y, slot_positions, weights)
