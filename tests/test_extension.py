@@ -58,11 +58,19 @@ def test_pure_python_build_has_no_extension():
     assert "ext_modules 0" in out.stdout
 
 
-def test_broken_library_warns_and_falls_back():
+@pytest.mark.parametrize("hide_triton", [False, True], ids=["triton-as-installed", "without-triton"])
+def test_broken_library_warns_and_falls_back(hide_triton):
     """A compiled library that fails to load (built against another torch, say) gives one warning
-    naming the cause, not an ImportError, and fastnn still works on the reference path."""
+    naming the cause, not an ImportError, and fastnn still works on the reference path. The warning
+    names Triton as the fallback only where Triton is installed."""
     out = _run("""
-        import importlib.abc, sys, warnings
+        import importlib.abc, importlib.util, sys, warnings
+        if %r:
+            sys.modules["triton"] = None
+        try:
+            has_triton = importlib.util.find_spec("triton") is not None
+        except ValueError:
+            has_triton = False
 
         class BrokenLibrary(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
@@ -76,11 +84,12 @@ def test_broken_library_warns_and_falls_back():
             assert not fastnn.build_info()["extension"]
         messages = [str(w.message) for w in caught if "fastnn" in str(w.message)]
         assert len(messages) == 1 and "undefined symbol" in messages[0], messages
+        assert ("Triton" in messages[0]) == has_triton, messages
         p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
         fastnn.optim.SGD([p], lr=0.5).step()
         assert torch.equal(p.detach(), torch.full((3,), 0.5))
         print("ok")
-    """)
+    """ % hide_triton)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
