@@ -3,13 +3,18 @@
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: env test bench clean
+.PHONY: env test test-cpu bench clean
 
 env:
 	@bash scripts/env.sh >/dev/null
 
 test:
 	@PY=$$(bash scripts/env.sh) && "$$PY" -m pytest $(PYTEST_ARGS)
+
+# The CPU-only, Triton-free configuration (torch's CPU wheel, no CUDA, no triton, fastnn installed as
+# a wheel in .venv-cpu) and its tests: what CI runs after `make test`.
+test-cpu:
+	@bash scripts/cpu_only.sh $(PYTEST_ARGS)
 
 # Every benchmark case available on the best device present (a GPU if one is visible).
 bench:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -37,6 +38,16 @@ def _disabled() -> bool:
     return os.environ.get("FASTNN_DISABLE_EXT", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _fallback() -> str:
+    """What runs instead of the compiled kernels. Triton is named only where it is installed: a
+    CPU-only install (torch's CPU wheel) has none and must not be told about it."""
+    try:
+        has_triton = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError, AttributeError):  # sys.modules["triton"] = None, a broken install
+        has_triton = False
+    return "using the reference and Triton paths" if has_triton else "using the reference paths"
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     """The compiled module, or None (with the reason in :func:`error`)."""
@@ -51,7 +62,7 @@ def load():
     except ModuleNotFoundError as exc:
         if exc.name != "fastnn._C":
             _ERROR = f"fastnn._C failed to import: {exc}"
-            warnings.warn(f"fastnn: compiled kernels unavailable ({_ERROR}); using reference/Triton paths",
+            warnings.warn(f"fastnn: compiled kernels unavailable ({_ERROR}); {_fallback()}",
                           RuntimeWarning, stacklevel=2)
         else:
             # Not built (pure-Python install): expected, so no warning.
@@ -59,7 +70,7 @@ def load():
         return None
     except (ImportError, OSError) as exc:
         _ERROR = f"fastnn._C failed to load: {exc}"
-        warnings.warn(f"fastnn: compiled kernels unavailable ({_ERROR}); using reference/Triton paths. "
+        warnings.warn(f"fastnn: compiled kernels unavailable ({_ERROR}); {_fallback()}. "
                       "Rebuild with `pip install --no-build-isolation -e .` against this torch.",
                       RuntimeWarning, stacklevel=2)
         return None

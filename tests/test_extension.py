@@ -58,11 +58,19 @@ def test_pure_python_build_has_no_extension():
     assert "ext_modules 0" in out.stdout
 
 
-def test_broken_library_warns_and_falls_back():
+@pytest.mark.parametrize("hide_triton", [False, True], ids=["triton-as-installed", "without-triton"])
+def test_broken_library_warns_and_falls_back(hide_triton):
     """A compiled library that fails to load (built against another torch, say) gives one warning
-    naming the cause, not an ImportError, and fastnn still works on the reference path."""
+    naming the cause, not an ImportError, and fastnn still works on the reference path. The warning
+    names Triton as the fallback only where Triton is installed."""
     out = _run("""
-        import importlib.abc, sys, warnings
+        import importlib.abc, importlib.util, sys, warnings
+        if %r:
+            sys.modules["triton"] = None
+        try:
+            has_triton = importlib.util.find_spec("triton") is not None
+        except ValueError:
+            has_triton = False
 
         class BrokenLibrary(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
@@ -76,11 +84,12 @@ def test_broken_library_warns_and_falls_back():
             assert not fastnn.build_info()["extension"]
         messages = [str(w.message) for w in caught if "fastnn" in str(w.message)]
         assert len(messages) == 1 and "undefined symbol" in messages[0], messages
+        assert ("Triton" in messages[0]) == has_triton, messages
         p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)
         fastnn.optim.SGD([p], lr=0.5).step()
         assert torch.equal(p.detach(), torch.full((3,), 0.5))
         print("ok")
-    """)
+    """ % hide_triton)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -146,3 +155,63 @@ def test_library_path_loads_the_ops_in_a_process_without_fastnn():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == fastnn.build_info()["int8_cpu_isa"]
+
+
+# A CPU-only, Triton-free install (torch's CPU wheel, FASTNN_BUILD_CUDA=0, no triton) is quiet: the
+# user of such an install asked for no CUDA and no Triton, so neither may be mentioned. Triton is
+# hidden here as on torch's CPU wheels (CI also runs this in an environment without it).
+QUIET = """
+import sys, warnings
+sys.modules["triton"] = None
+warnings.simplefilter("error")           # any warning fails the run, and names itself on stderr
+import torch, fastnn
+torch.manual_seed(0)
+
+lstm = fastnn.LSTM(8, 16, num_layers=2, batch_first=True)
+out, _ = lstm(torch.randn(3, 5, 8))
+out.sum().backward()
+gru = fastnn.GRU(8, 16)
+gru(torch.randn(5, 3, 8))[0].sum().backward()
+
+opt = fastnn.optim.AdamW(lstm.parameters(), lr=1e-3)
+opt.step()
+opt.zero_grad()
+
+moe = fastnn.MoE(16, 32, num_experts=4, top_k=2)
+moe(torch.randn(10, 16, requires_grad=True)).sum().backward()
+
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+qmodel = fastnn.quantize_dynamic(model)
+with torch.no_grad():
+    qmodel(torch.randn(4, 8))
+qlstm = fastnn.quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(8, 16, batch_first=True)).eval())
+with torch.no_grad():
+    qlstm(torch.randn(2, 5, 8))
+info = fastnn.build_info()
+print("extension" if info["extension"] else "no extension:", info["extension_error"] or "")
+"""
+
+
+def test_cpu_only_triton_free_install_is_quiet():
+    """Layers, an optimizer step, a MoE layer and quantized layers run without Triton, with warnings
+    as errors, and nothing printed mentions CUDA or Triton."""
+    out = _run(QUIET)
+    assert out.returncode == 0, out.stderr
+    said = (out.stdout + out.stderr).lower()
+    assert "cuda" not in said and "triton" not in said, out.stdout + out.stderr
+    assert out.stdout.startswith("extension") == _extension.available(), out.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("FASTNN_EXPECT_BUILD"),
+                    reason="FASTNN_EXPECT_BUILD names the build a job installed (CI's CPU-only job sets cpu-wheel)")
+def test_the_expected_build_runs():
+    """CI's CPU-only job tests an installed wheel: this fails when its tests would run on another
+    fastnn (the checkout's, without the compiled library) or with Triton or CUDA present."""
+    expected = os.environ["FASTNN_EXPECT_BUILD"]
+    assert expected == "cpu-wheel", f"unknown FASTNN_EXPECT_BUILD={expected!r}"
+    assert "site-packages" in fastnn.__file__, fastnn.__file__
+    assert fastnn.build_info()["extension"], fastnn.build_info()
+    assert "site-packages" in fastnn.library_path(), fastnn.library_path()
+    assert not _extension.built_with_cuda()
+    assert torch.version.cuda is None, f"torch {torch.__version__} is a CUDA build"
+    assert not backends.triton_available(), "triton imports here"
