@@ -409,7 +409,7 @@ def _converted_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     if not isinstance(model, torch.nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, op="onnx.export", error=TypeError)
-    return convert(copy.deepcopy(model))
+    return convert(copy.deepcopy(model)).cpu()
 
 
 def _module_of(node: torch.fx.Node) -> str:
@@ -469,7 +469,8 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
     Mirrors ``torch.onnx.export(model, args, f, dynamo=True, ...)``: same arguments (``kwargs``,
     ``dynamic_shapes`` or ``dynamic_axes``, ``input_names``, ``output_names``, ``opset_version``,
     ``external_data``, ``optimize``...), same result (a ``torch.onnx.ONNXProgram``; written to ``f``
-    when given). ``model`` may be a plain torch model: its supported layers (``nn.LSTM``, ``nn.GRU``...)
+    when given). The export runs on a CPU copy of the model (the inputs are moved to the CPU too);
+    ``model`` may be a plain torch model: its supported layers (``nn.LSTM``, ``nn.GRU``...)
     are swapped for fastnn's in a copy (``fastnn.convert``), so ``model`` is not modified and an
     ``nn.LSTM`` keeps a dynamic sequence length, which torch.export would specialise. Quantized
     models (``fastnn.quantize_dynamic``) and ``fastnn.MoE`` export as they are.
@@ -489,7 +490,10 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
                         "dynamo exporter), got False")
     from torch.onnx._internal.exporter import _dynamic_shapes
 
+    # Traced on the CPU: the ops' CPU backends are the ones translated (a CUDA model would trace
+    # fastnn's Triton ops), and an ONNX graph does not depend on the device it was traced on.
     model = _converted_copy(model)
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.cpu(), (args, kwargs))
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     if dynamic_shapes is None and dynamic_axes is not None:
         dynamic_shapes, args, kwargs = _dynamic_shapes.from_dynamic_axes_to_dynamic_shapes(

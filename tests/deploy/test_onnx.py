@@ -70,6 +70,9 @@ class FloatAndInt8(nn.Module):
         super().__init__()
         self.fp32 = model
         self.int8 = fastnn.quantize_dynamic(fastnn.convert(copy.deepcopy(model)))
+        # weight-only int8 (fp32 activations) for the second Linear and the RNN
+        self.int8.head[2] = fastnn.quantized.Linear.from_float(model.head[2], weight_only=True)
+        self.int8.rnn = fastnn.quantized.RNN.from_float(model.rnn, weight_only=True)
 
     def forward(self, x, lengths):
         return (*self.fp32(x, lengths), *self.int8(x, lengths))
