@@ -86,6 +86,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 path, data = sys.argv[1], np.load(sys.argv[2])
+onnx.checker.check_model(onnx.load(path), full_check=True)  # a conformant file, not only one onnxruntime takes
 sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 names = [i.name for i in sess.get_inputs()]
 out = {}
