@@ -28,6 +28,7 @@ dropout masks of a model left in training mode, capacity-limited or grouped MoE 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any, Callable, Optional
 
@@ -41,6 +42,7 @@ from torch.onnx._internal.exporter import _tensors
 __all__ = ["export", "UnsupportedError", "TRANSLATIONS"]
 
 _FLOAT, _INT32, _INT64, _INT8, _BOOL = 1, 6, 7, 3, 9  # onnx.TensorProto data types
+_SCANS = itertools.count()  # numbers the Scan bodies
 
 
 class UnsupportedError(RuntimeError):
@@ -234,8 +236,11 @@ def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_s
         scan_inputs.append(_arange_like(_dim(input, 0)))
         b_inputs.append(b_t)
     outs = [body.Identity(n) for n in new] + [body.Identity(out)]
-    graph = ir.Graph([*b_states, *b_inputs], outs, nodes=body.tape.nodes, name=f"int8_{kind}_step",
-                     opset_imports={"": 18})
+    # ONNX wants every name unique in the whole model, subgraphs included (single assignment)
+    scope = f"int8_{kind}_step{next(_SCANS)}"
+    for i, v in enumerate([*b_states, *b_inputs, *(o for n in body.tape.nodes for o in n.outputs)]):
+        v.name = f"{scope}_{i}"
+    graph = ir.Graph([*b_states, *b_inputs], outs, nodes=body.tape.nodes, name=scope, opset_imports={"": 18})
     recorder = onnxscript.evaluator.default()
     results = [_tensors.SymbolicTensor(recorder.opset) for _ in range(len(states) + 1)]
     direction = 1 if reverse else 0
@@ -501,7 +506,10 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
             output_names=set(output_names or ()))
     export_dims, _ = _dynamic_shapes.convert_str_to_export_dim(dynamic_shapes)
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=export_dims, strict=strict)
+        # An inference graph: under no_grad, a float layer feeding an int8 one (inference-only ops
+        # refuse inputs that require grad) exports as it runs in eager inference.
+        with torch.no_grad():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=export_dims, strict=strict)
     except Exception as e:
         raise UnsupportedError(f"fastnn.onnx.export: torch.export could not capture the model "
                                f"({type(e).__name__}: {e})") from e
