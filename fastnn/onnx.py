@@ -135,14 +135,12 @@ def rnn_seq(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, h_mask=No
 
 
 def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
-    x = op.Unsqueeze(input, _ints(0))
-    _, h, c = _recurrent("lstm", x, (hx, cx), w_ih, w_hh, b_ih, b_hh, None, False)
+    _, h, c = _recurrent("lstm", op.Unsqueeze(input, _ints(0)), (hx, cx), w_ih, w_hh, b_ih, b_hh, None, False)
     return h, c, _unused()
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    x = op.Unsqueeze(input, _ints(0))
-    _, h = _recurrent("gru", x, (hx,), w_ih, w_hh, b_ih, b_hh, None, False)
+    _, h = _recurrent("gru", op.Unsqueeze(input, _ints(0)), (hx,), w_ih, w_hh, b_ih, b_hh, None, False)
     return h, _unused()
 
 
@@ -219,17 +217,17 @@ def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_s
     w_t = op.Transpose(w_hh_q, perm=[1, 0])
     body = _Subgraph()
 
-    def value(name, dtype, shape):
-        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    def value(dtype, shape):  # an input of the body
+        return ir.Value(type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
-    b_states = [value(f"state{i}", ir.DataType.FLOAT, [None, H]) for i in range(len(states))]
-    b_gi = value("gi", ir.DataType.FLOAT, [None, len(_GATE_ORDER[kind]) * H])
+    b_states = [value(ir.DataType.FLOAT, [None, H]) for _ in states]
+    b_gi = value(ir.DataType.FLOAT, [None, len(_GATE_ORDER[kind]) * H])
     new = _step(kind, body, b_states, b_gi, w_t, w_hh_scale, b_hh, weight_only, nonlinearity)
     scan_inputs, b_inputs = [gi], [b_gi]
     if lengths is None:
         out = new[0]
     else:  # sequence b stops at lengths[b]: its state stays, its output is 0 (fastnn's convention)
-        b_t = value("t", ir.DataType.INT64, [])
+        b_t = value(ir.DataType.INT64, [])
         live = body.Unsqueeze(body.Less(b_t, lengths), _ints(1, o=body))
         new = [body.Where(live, n, s) for n, s in zip(new, b_states)]
         out = body.Where(live, new[0], _scalar(0.0, o=body))
