@@ -28,6 +28,7 @@ dropout masks of a model left in training mode, capacity-limited or grouped MoE 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any, Callable, Optional
 
@@ -41,6 +42,7 @@ from torch.onnx._internal.exporter import _tensors
 __all__ = ["export", "UnsupportedError", "TRANSLATIONS"]
 
 _FLOAT, _INT32, _INT64, _INT8, _BOOL = 1, 6, 7, 3, 9  # onnx.TensorProto data types
+_SCANS = itertools.count()  # numbers the Scan bodies
 
 
 class UnsupportedError(RuntimeError):
@@ -133,14 +135,12 @@ def rnn_seq(input, h0, w_ih, w_hh, b_ih=None, b_hh=None, lengths=None, h_mask=No
 
 
 def lstm_cell(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
-    x = op.Unsqueeze(input, _ints(0))
-    _, h, c = _recurrent("lstm", x, (hx, cx), w_ih, w_hh, b_ih, b_hh, None, False)
+    _, h, c = _recurrent("lstm", op.Unsqueeze(input, _ints(0)), (hx, cx), w_ih, w_hh, b_ih, b_hh, None, False)
     return h, c, _unused()
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
-    x = op.Unsqueeze(input, _ints(0))
-    _, h = _recurrent("gru", x, (hx,), w_ih, w_hh, b_ih, b_hh, None, False)
+    _, h = _recurrent("gru", op.Unsqueeze(input, _ints(0)), (hx,), w_ih, w_hh, b_ih, b_hh, None, False)
     return h, _unused()
 
 
@@ -217,25 +217,28 @@ def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_s
     w_t = op.Transpose(w_hh_q, perm=[1, 0])
     body = _Subgraph()
 
-    def value(name, dtype, shape):
-        return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    def value(dtype, shape):  # an input of the body
+        return ir.Value(type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
-    b_states = [value(f"state{i}", ir.DataType.FLOAT, [None, H]) for i in range(len(states))]
-    b_gi = value("gi", ir.DataType.FLOAT, [None, len(_GATE_ORDER[kind]) * H])
+    b_states = [value(ir.DataType.FLOAT, [None, H]) for _ in states]
+    b_gi = value(ir.DataType.FLOAT, [None, len(_GATE_ORDER[kind]) * H])
     new = _step(kind, body, b_states, b_gi, w_t, w_hh_scale, b_hh, weight_only, nonlinearity)
     scan_inputs, b_inputs = [gi], [b_gi]
     if lengths is None:
         out = new[0]
     else:  # sequence b stops at lengths[b]: its state stays, its output is 0 (fastnn's convention)
-        b_t = value("t", ir.DataType.INT64, [])
+        b_t = value(ir.DataType.INT64, [])
         live = body.Unsqueeze(body.Less(b_t, lengths), _ints(1, o=body))
         new = [body.Where(live, n, s) for n, s in zip(new, b_states)]
         out = body.Where(live, new[0], _scalar(0.0, o=body))
         scan_inputs.append(_arange_like(_dim(input, 0)))
         b_inputs.append(b_t)
     outs = [body.Identity(n) for n in new] + [body.Identity(out)]
-    graph = ir.Graph([*b_states, *b_inputs], outs, nodes=body.tape.nodes, name=f"int8_{kind}_step",
-                     opset_imports={"": 18})
+    # ONNX wants every name unique in the whole model, subgraphs included (single assignment)
+    scope = f"int8_{kind}_step{next(_SCANS)}"
+    for i, v in enumerate([*b_states, *b_inputs, *(o for n in body.tape.nodes for o in n.outputs)]):
+        v.name = f"{scope}_{i}"
+    graph = ir.Graph([*b_states, *b_inputs], outs, nodes=body.tape.nodes, name=scope, opset_imports={"": 18})
     recorder = onnxscript.evaluator.default()
     results = [_tensors.SymbolicTensor(recorder.opset) for _ in range(len(states) + 1)]
     direction = 1 if reverse else 0
@@ -409,7 +412,7 @@ def _converted_copy(model: torch.nn.Module) -> torch.nn.Module:
 
     if not isinstance(model, torch.nn.Module):
         fail("model", "a torch.nn.Module", type(model).__name__, op="onnx.export", error=TypeError)
-    return convert(copy.deepcopy(model))
+    return convert(copy.deepcopy(model)).cpu()
 
 
 def _module_of(node: torch.fx.Node) -> str:
@@ -469,7 +472,8 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
     Mirrors ``torch.onnx.export(model, args, f, dynamo=True, ...)``: same arguments (``kwargs``,
     ``dynamic_shapes`` or ``dynamic_axes``, ``input_names``, ``output_names``, ``opset_version``,
     ``external_data``, ``optimize``...), same result (a ``torch.onnx.ONNXProgram``; written to ``f``
-    when given). ``model`` may be a plain torch model: its supported layers (``nn.LSTM``, ``nn.GRU``...)
+    when given). The export runs on a CPU copy of the model (the inputs are moved to the CPU too);
+    ``model`` may be a plain torch model: its supported layers (``nn.LSTM``, ``nn.GRU``...)
     are swapped for fastnn's in a copy (``fastnn.convert``), so ``model`` is not modified and an
     ``nn.LSTM`` keeps a dynamic sequence length, which torch.export would specialise. Quantized
     models (``fastnn.quantize_dynamic``) and ``fastnn.MoE`` export as they are.
@@ -489,7 +493,10 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
                         "dynamo exporter), got False")
     from torch.onnx._internal.exporter import _dynamic_shapes
 
+    # Traced on the CPU: the ops' CPU backends are the ones translated (a CUDA model would trace
+    # fastnn's Triton ops), and an ONNX graph does not depend on the device it was traced on.
     model = _converted_copy(model)
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.cpu(), (args, kwargs))
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     if dynamic_shapes is None and dynamic_axes is not None:
         dynamic_shapes, args, kwargs = _dynamic_shapes.from_dynamic_axes_to_dynamic_shapes(
@@ -497,7 +504,10 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
             output_names=set(output_names or ()))
     export_dims, _ = _dynamic_shapes.convert_str_to_export_dim(dynamic_shapes)
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=export_dims, strict=strict)
+        # An inference graph: under no_grad, a float layer feeding an int8 one (inference-only ops
+        # refuse inputs that require grad) exports as it runs in eager inference.
+        with torch.no_grad():
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=export_dims, strict=strict)
     except Exception as e:
         raise UnsupportedError(f"fastnn.onnx.export: torch.export could not capture the model "
                                f"({type(e).__name__}: {e})") from e
