@@ -277,6 +277,20 @@ def test_moe_only_selected_by_spec():
     assert type(q["moe"]) is QMoE and type(q["lin"]) is torch.nn.Linear
 
 
+def test_torch_export_and_compile_keep_the_int8_op():
+    needs_cpu_kernels()
+    q = quantize_dynamic(float_moe(top_k=2, shared_expert_size=16))
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        want = q(x)
+        ep = torch.export.export(q, (x,))
+        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert sum("fastnn.int8_moe_mlp" in t for t in targets) == 1, targets
+        torch.testing.assert_close(ep.module()(x), want)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(q, fullgraph=True, backend="eager")(x), want)
+
+
 @pytest.mark.fuzz
 @given(T=st.integers(0, 40), H=st.integers(1, 40), I=st.integers(1, 40), E=st.integers(1, 6),
        k=st.integers(1, 3), act=st.sampled_from(ACTS), weight_only=st.booleans(),
