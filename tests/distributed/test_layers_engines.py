@@ -33,10 +33,10 @@ def _shard(model, how):
     return model
 
 
-def check_fsdp(rank, world):
+def check_fsdp(rank, world, modes=("layer", "block", "root")):
     xs = L.global_batch(world)
     want = L.single_process(L.build(), xs)
-    for how in ("layer", "block", "root"):
+    for how in modes:
         got = L.data_parallel(_shard(L.build(), how), xs, rank, world)
         L.assert_matches(got, want, rank, world, f"fully_shard per {how}")
 
@@ -166,8 +166,11 @@ def _all(rank, world, backend="gloo"):
         L.use_nccl(rank)
     check_dtensor_parameters(rank, world)
     check_expert_parallel_fsdp(rank, world)
-    check_fsdp(rank, world)
     check_ddp(rank, world)
+    if world > 2:  # the wrapping variants and the torch twins once (at 2): this machine's time
+        check_fsdp(rank, world, modes=("layer",))
+        return
+    check_fsdp(rank, world)
     check_frozen(rank, world)
     check_find_unused(rank, world)
 
