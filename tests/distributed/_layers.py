@@ -94,37 +94,18 @@ def loss_fn(y):
     return y.square().mean()
 
 
-def single_process(model, xs, steps=1, lr=1e-2, skip_gru=()):
-    """The oracle: the model on the whole global batch. Returns (outputs, input grads, parameter
-    grads by name, parameters after ``steps`` Adam steps)."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    xf = xs.clone().requires_grad_()
-    outs = []
-    for step in range(steps):
-        if skip_gru:
-            model.rec.skip_gru = step in skip_gru
-        opt.zero_grad(set_to_none=True)
-        y = model(xf)
-        loss_fn(y).backward()
-        outs.append(y.detach())
-        grads = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-        xgrad = xf.grad.clone()
-        xf.grad = None
-        opt.step()
-    return outs, xgrad, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 def full(t):
     """A DTensor (FSDP2's sharded parameter or gradient) gathered; a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def data_parallel(model, xs, rank, world, steps=1, lr=1e-2, skip_gru=(), inner=None):
-    """The same training on this rank's rows of the global batch, through ``model`` (wrapped by an
-    engine). ``inner`` is the unwrapped module (DDP's .module) when it differs."""
+def train(model, x, steps=1, lr=1e-2, skip_gru=(), inner=None):
+    """``steps`` Adam steps of ``model`` on ``x``. ``inner`` is the unwrapped module (DDP's
+    .module) when it differs. Returns (outputs, input grad, parameter grads by name, parameters
+    after the steps), the last step's, DTensors gathered."""
     inner = inner if inner is not None else model
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    x = xs[rank * B:(rank + 1) * B].clone().requires_grad_()
+    x = x.clone().requires_grad_()
     outs = []
     for step in range(steps):
         if skip_gru:
@@ -137,8 +118,18 @@ def data_parallel(model, xs, rank, world, steps=1, lr=1e-2, skip_gru=(), inner=N
         xgrad = x.grad.clone()
         x.grad = None
         opt.step()
-    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
-    return outs, xgrad, grads, params
+    return outs, xgrad, grads, {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def single_process(model, xs, **kw):
+    """The oracle: the model on the whole global batch."""
+    return train(model, xs, **kw)
+
+
+def data_parallel(model, xs, rank, world, **kw):
+    """The same training on this rank's rows of the global batch, through ``model`` (wrapped by an
+    engine)."""
+    return train(model, xs[rank * B:(rank + 1) * B], **kw)
 
 
 def _strip(name):

@@ -33,10 +33,10 @@ def _shard(model, how):
     return model
 
 
-def check_fsdp(rank, world):
+def check_fsdp(rank, world, modes=("layer", "block", "root")):
     xs = L.global_batch(world)
     want = L.single_process(L.build(), xs)
-    for how in ("layer", "block", "root"):
+    for how in modes:
         got = L.data_parallel(_shard(L.build(), how), xs, rank, world)
         L.assert_matches(got, want, rank, world, f"fully_shard per {how}")
 
@@ -142,12 +142,35 @@ def check_expert_parallel_fsdp(rank, world):
         fully_shard(_ep_nets(world)[1], **L.shard_kwargs())
 
 
+def check_dtensor_parameters(rank, world):
+    """Recurrent layers whose parameters DTensor's distribute_module replaced (tensor-parallel
+    style, registered without setattr): fastnn's layers use them, as torch's do; neither layer
+    has sharding rules for its recurrence, so both refuse a mix of DTensor weights and a plain
+    input with the same error rather than run on the tensors listed before."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import distribute_module
+
+    mesh = L.CTX["mesh"] or DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    errors = {}
+    for lib in (nn, fastnn):
+        for cls in (lib.LSTM, lib.GRU, lib.RNN):
+            layer = distribute_module(cls(3, 4, device=L.CTX["device"]), mesh)
+            with pytest.raises(RuntimeError, match="DTensor") as e:
+                layer(torch.randn(5, 2, 3, device=L.CTX["device"]))
+            errors[lib.__name__, cls.__name__] = e.value
+    assert {type(e) for e in errors.values()} == {RuntimeError}, errors
+
+
 def _all(rank, world, backend="gloo"):
     if backend == "nccl":
         L.use_nccl(rank)
+    check_dtensor_parameters(rank, world)
     check_expert_parallel_fsdp(rank, world)
-    check_fsdp(rank, world)
     check_ddp(rank, world)
+    if world > 2:  # the wrapping variants and the torch twins once (at 2): this machine's time
+        check_fsdp(rank, world, modes=("layer",))
+        return
+    check_fsdp(rank, world)
     check_frozen(rank, world)
     check_find_unused(rank, world)
 
@@ -161,3 +184,17 @@ def test_layers_under_fsdp2_and_ddp_equal_single_process(world):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs a GPU per rank (2 or more)")
 def test_layers_under_fsdp2_and_ddp_nccl():
     run_on_ranks(_all, 2, args=("nccl",), timeout=300)
+
+
+@pytest.mark.parametrize("cls", [fastnn.LSTM, fastnn.GRU, fastnn.RNN])
+def test_parameters_replaced_without_setattr_are_used(cls):
+    """torch.func.functional_call (and any engine that writes ``_parameters`` directly) swaps the
+    parameters without setattr: the layer runs on the swapped ones, as torch's layers do."""
+    torch.manual_seed(0)
+    layer, other = cls(3, 4, num_layers=2, bidirectional=True), cls(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    got = torch.func.functional_call(layer, dict(other.named_parameters()), (x,))[0]
+    torch.testing.assert_close(got, other(x)[0])
+    for name, p in other.named_parameters():  # the direct write FSDP2 makes on a module without __setattr__
+        layer._parameters[name] = p
+    torch.testing.assert_close(layer(x)[0], other(x)[0])

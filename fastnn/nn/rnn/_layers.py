@@ -126,8 +126,8 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         return torch.stack(outs), h, c
 
     def _layer_weights(self, idx: int, dtype: Optional[torch.dtype] = None) -> tuple:
-        # nn.RNNBase keeps _flat_weights in step with the parameters (its __setattr__ and _apply),
-        # as torch's own forward relies on; cheaper than a getattr per name
+        # nn.RNNBase keeps _flat_weights in step with the parameters (forward refreshes it first,
+        # as torch's does); cheaper than a getattr per name
         flat = self._flat_weights
         per = len(flat) // (self.num_layers * (2 if self.bidirectional else 1))
         ws = flat[idx * per:(idx + 1) * per]
@@ -194,6 +194,10 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def forward(self, input, hx=None):
+        # As torch's forward: parameters replaced without setattr (torch.func.functional_call,
+        # register_parameter, DTensor's distribute_module, a write to _parameters) must be the
+        # ones used, not the tensors _flat_weights listed before.
+        self._update_flat_weights()
         lstm = self._kind == "lstm"
         orig_input = input
         batch_sizes = None
