@@ -192,7 +192,9 @@ Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at
 
 // Gate math on one float or one vector of floats (the build's at::vec width). The vector forms use
 // exp_u20 (a few ULP) and tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7), as the fp32 recurrent
-// kernels do: Sleef's 1-ULP versions cost more than the int8 recurrent product at batch 1.
+// kernels do: Sleef's 1-ULP versions cost more than the int8 recurrent product at batch 1. exp_u20
+// clamps its argument with min/max, which turn NaN into a finite bound, so sigmoid passes NaN
+// through explicitly (as torch.sigmoid does); +-inf saturate to 1 and 0 as they should.
 using Vec = at::vec::Vectorized<float>;
 
 template <typename V>
@@ -207,7 +209,7 @@ struct Act<float> {
 };
 template <>
 struct Act<Vec> {
-  static Vec sigmoid(Vec x) { return (Vec(1.f) + x.neg().exp_u20()).reciprocal(); }
+  static Vec sigmoid(Vec x) { return Vec::blendv((Vec(1.f) + x.neg().exp_u20()).reciprocal(), x, x != x); }
   static Vec tanh(Vec x) { return Vec(2.f) * sigmoid(x + x) - Vec(1.f); }
   static Vec relu(Vec x) { return at::vec::clamp_min(x, Vec(0.f)); }
   static Vec ld(const float* p) { return Vec::loadu(p); }

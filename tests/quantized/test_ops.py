@@ -173,9 +173,10 @@ def test_tiny_rows_give_no_nan(backend):
 
 def test_nan_inf_and_huge_inputs_in_sequences(backend):
     # One input feature (I = 1): every gate's input weight is its row's maximum, never 0, so an inf
-    # input saturates the gates exactly as in the float layer and the state stays finite.
+    # input saturates the gates exactly as in the float layer and the state stays finite. H = 19:
+    # vectorised gate math (8 or 16 lanes) and its scalar tail; NaN must survive both.
     for kind in ("lstm", "gru", "rnn_tanh"):
-        x, h0, c0, w = lstm_args(5, 4, 1, 6, GATES[kind])
+        x, h0, c0, w = lstm_args(5, 4, 1, 19, GATES[kind])
         clean = run_seq(kind, backend, x, h0, c0, w)
         x[2, 1, 0] = float("inf")
         x[1, 2, 0] = -3e38
