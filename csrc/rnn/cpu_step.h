@@ -41,7 +41,9 @@ struct VecOps {
 template <>
 struct VecOps<Vectorized<float>> {
   using V = Vectorized<float>;
-  static V sigmoid(V x) { return (V(1) + x.neg().exp_u20()).reciprocal(); }
+  // exp_u20 clamps its argument with min/max, which turns NaN into a number: keep NaN as NaN, as
+  // torch's sigmoid does, so that a NaN input propagates through the gates.
+  static V sigmoid(V x) { return V::blendv((V(1) + x.neg().exp_u20()).reciprocal(), x, x != x); }
   static V tanh(V x) { return V(2) * sigmoid(x + x) - V(1); }
   static V relu(V x) { return at::vec::clamp_min(x, V(0)); }
   static V relu_grad(V h, V dh) { return V::blendv(V(0), dh, h > V(0)); }
