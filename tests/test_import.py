@@ -10,7 +10,8 @@ from fastnn.testing import run_isolated
 # Imported on first use only (unless `import torch` itself already did): torch.compile's machinery
 # (over a second), Triton (its compiler and driver), torch.distributed, the compiled library and
 # Hugging Face transformers.
-LAZY = ("torch._dynamo", "triton", "torch.distributed", "fastnn._C", "transformers", "fastnn.distributed")
+LAZY = ("torch._dynamo", "triton", "torch.distributed", "fastnn._C", "transformers", "fastnn.distributed",
+        "onnx", "onnxscript", "onnxruntime", "fastnn.onnx", "torch._inductor", "fastnn.aoti")
 
 PROBE = """
 import json, sys, time
