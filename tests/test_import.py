@@ -9,7 +9,7 @@ from fastnn.testing import run_isolated
 
 # Imported on first use only (unless `import torch` itself already did): torch.compile's machinery
 # (over a second), Triton (its compiler and driver), torch.distributed, the compiled library and
-# Hugging Face transformers.
+# Hugging Face transformers, and the ONNX and AOTInductor export machinery.
 LAZY = ("torch._dynamo", "triton", "torch.distributed", "fastnn._C", "transformers", "fastnn.distributed",
         "onnx", "onnxscript", "onnxruntime", "fastnn.onnx", "torch._inductor", "fastnn.aoti")
 
