@@ -17,15 +17,15 @@ from .quantized import dequantize, quantize_dynamic
 __version__ = "0.1.0"
 
 __all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "library_path", "__version__", "distributed",
-           "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MoE", "quantized", "quantize_dynamic",
+           "aoti", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "MoE", "quantized", "quantize_dynamic",
            "dequantize"]
 
 
 def __getattr__(name: str):
-    # fastnn.distributed imports torch.distributed, which `import fastnn` does not pay for: it loads
-    # on first access.
-    if name == "distributed":
+    # fastnn.distributed imports torch.distributed and fastnn.aoti torch._inductor, which
+    # `import fastnn` does not pay for: they load on first access.
+    if name in ("distributed", "aoti"):
         import importlib
 
-        return importlib.import_module(".distributed", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastnn' has no attribute {name!r}")

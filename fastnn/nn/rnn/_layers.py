@@ -182,6 +182,9 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def forward(self, input, hx=None):
+        # As torch's forward: _flat_weights must follow parameters swapped without setattr (torch.export
+        # swaps in fake ones; stale references to the real ones would be baked in as constants).
+        self._update_flat_weights()
         lstm = self._kind == "lstm"
         orig_input = input
         batch_sizes = None
