@@ -107,14 +107,16 @@ def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any =
             return torch.export.export(prepared, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with the module's name
         where = _failing_module(exc, prepared)
-        if where is None:
+        if where is None or str(exc).startswith("fastnn: argument"):  # fastnn's own checks name the argument
             raise
         mod = prepared.get_submodule(where) if where else prepared
         label = f"module '{where}'" if where else "the model's own forward"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"fastnn.aoti.package: {label} ({type(mod).__module__}.{type(mod).__qualname__}) has "
-                          f"no export path: torch.export failed in its forward with {type(exc).__name__}: "
-                          f"{first}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(
+            f"fastnn.aoti.package: torch.export failed in {label} ({type(mod).__module__}.{type(mod).__qualname__}): "
+            f"{type(exc).__name__}: {first}\nThat module has no export path: its forward cannot be traced (a Python "
+            "branch on a tensor's value, a call outside torch, ...). Rewrite it with torch ops (torch.cond for a "
+            "branch) or keep it out of the exported model.") from exc
 
 
 def package(model: torch.nn.Module, example_inputs: tuple, path: str | os.PathLike,
