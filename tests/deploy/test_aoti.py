@@ -16,6 +16,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch._inductor  # noqa: F401 - the fixture wraps its aoti_compile_and_package
 from torch import nn
 
 import fastnn
@@ -47,11 +48,11 @@ class FloatAndInt8(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.float = Net()
+        self.fp32 = Net()
         self.int8 = fastnn.quantize_dynamic(Net())
 
     def forward(self, x):
-        return self.float(x), self.int8(x)
+        return self.fp32(x), self.int8(x)
 
 
 def _eager(model, x):
@@ -66,7 +67,6 @@ def built(tmp_path_factory):
     model = FloatAndInt8().eval()
     path = tmp_path_factory.mktemp("aoti") / "model.pt2"
     seen = {}
-    import torch._inductor
     real = torch._inductor.aoti_compile_and_package
 
     def capture(ep, *args, **kwargs):  # keep the exported program for the graph checks
@@ -103,8 +103,8 @@ def test_graph_calls_fastnn_ops_and_bakes_in_no_weight_copies(built):
 
 def test_user_model_is_not_modified(built):
     model = built["model"]
-    assert type(model.float.lstm) is nn.LSTM and type(model.float.gru) is nn.GRU
-    assert not model.float.lstm._forward_hooks and not model.float.lstm._forward_pre_hooks
+    assert type(model.fp32.lstm) is nn.LSTM and type(model.fp32.gru) is nn.GRU
+    assert not model.fp32.lstm._forward_hooks and not model.fp32.lstm._forward_pre_hooks
 
 
 def test_metadata_records_versions_and_isa(built):
