@@ -117,6 +117,10 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         # nn.RNNBase keeps _flat_weights in step with the parameters (its __setattr__ and _apply),
         # as torch's own forward relies on; cheaper than a getattr per name
         flat = self._flat_weights
+        if torch.compiler.is_exporting():
+            # torch.export swaps fake parameters in without setattr: _flat_weights still holds the
+            # real ones, which would be baked into the exported program as constants.
+            flat = [getattr(self, name) for name in self._flat_weights_names]
         per = len(flat) // (self.num_layers * (2 if self.bidirectional else 1))
         ws = flat[idx * per:(idx + 1) * per]
         b_ih, b_hh = (ws[2], ws[3]) if self.bias else (None, None)
@@ -182,9 +186,6 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def forward(self, input, hx=None):
-        # As torch's forward: _flat_weights must follow parameters swapped without setattr (torch.export
-        # swaps in fake ones; stale references to the real ones would be baked in as constants).
-        self._update_flat_weights()
         lstm = self._kind == "lstm"
         orig_input = input
         batch_sizes = None
