@@ -164,15 +164,13 @@ def test_module_without_export_path_is_named(tmp_path):
     assert not (tmp_path / "m.pt2").exists()
 
 
-def _rewrite(src, dst, key, value):
-    """Copy the package ``src`` to ``dst`` with metadata ``key`` set to ``value``."""
+def _rewrite(src, dst, edit):
+    """Copy the package ``src`` to ``dst`` with its metadata replaced by ``edit(metadata)``."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for info in zin.infolist():
             data = zin.read(info)
             if info.filename.endswith("_metadata.json"):
-                meta = json.loads(data)
-                meta[key] = value
-                data = json.dumps(meta).encode()
+                data = json.dumps(edit(json.loads(data))).encode()
             zout.writestr(info, data)
 
 
@@ -185,19 +183,14 @@ def _rewrite(src, dst, key, value):
 ])
 def test_package_from_another_build_is_refused_naming_the_difference(built, tmp_path, key, value, what):
     other = tmp_path / "other.pt2"
-    _rewrite(built["path"], other, key, value)
+    _rewrite(built["path"], other, lambda meta: {**meta, key: value})
     with pytest.raises(fastnn.aoti.PackageError, match=what):
         fastnn.aoti.load(other)
 
 
 def test_package_without_fastnn_metadata_is_refused(built, tmp_path):
     other = tmp_path / "other.pt2"
-    with zipfile.ZipFile(built["path"]) as zin, zipfile.ZipFile(other, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info)
-            if info.filename.endswith("_metadata.json"):
-                data = json.dumps({k: v for k, v in json.loads(data).items() if not k.startswith("fastnn.")}).encode()
-            zout.writestr(info, data)
+    _rewrite(built["path"], other, lambda meta: {k: v for k, v in meta.items() if not k.startswith("fastnn.")})
     with pytest.raises(fastnn.aoti.PackageError, match="not built by fastnn.aoti.package"):
         fastnn.aoti.load(other)
 
