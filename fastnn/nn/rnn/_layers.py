@@ -129,6 +129,10 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
         # nn.RNNBase keeps _flat_weights in step with the parameters (forward refreshes it first,
         # as torch's does); cheaper than a getattr per name
         flat = self._flat_weights
+        if torch.compiler.is_exporting():
+            # torch.export swaps fake parameters in without setattr: _flat_weights still holds the
+            # real ones, which would be baked into the exported program as constants.
+            flat = [getattr(self, name) for name in self._flat_weights_names]
         per = len(flat) // (self.num_layers * (2 if self.bidirectional else 1))
         ws = flat[idx * per:(idx + 1) * per]
         b_ih, b_hh = (ws[2], ws[3]) if self.bias else (None, None)
