@@ -23,8 +23,8 @@ __all__ = ["backends", "ops", "optim", "convert", "revert", "build_info", "libra
 
 def __getattr__(name: str):
     # fastnn.distributed imports torch.distributed, fastnn.onnx onnxscript and fastnn.aoti
-    # torch._inductor, which `import fastnn` does not pay for: they load on first access (and are
-    # left out of __all__, so that a star import does not load them either).
+    # torch._inductor, which `import fastnn` does not pay for: they load on first access (the export
+    # modules are left out of __all__, so that a star import does not load them either).
     if name in ("distributed", "onnx", "aoti"):
         import importlib
 
