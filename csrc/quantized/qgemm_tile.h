@@ -25,6 +25,18 @@
 
 #include <cstdint>
 
+// The loops over the four accumulators must be unrolled so that the accumulators stay in registers
+// (an array indexed in a loop lives on the stack); GCC leaves them rolled at -O2.
+#ifndef FASTNN_UNROLL4
+#if defined(__clang__)
+#define FASTNN_UNROLL4 _Pragma("unroll 4")
+#elif defined(__GNUC__) && __GNUC__ >= 8
+#define FASTNN_UNROLL4 _Pragma("GCC unroll 4")
+#else
+#define FASTNN_UNROLL4
+#endif
+#endif
+
 namespace fastnn {
 namespace quantized {
 namespace {
@@ -52,6 +64,7 @@ FASTNN_QGEMM_TARGET void gemm_row(const typename Tr::In* a, const int8_t* B, int
     typename Tr::Vec c[4] = {Tr::zero(), Tr::zero(), Tr::zero(), Tr::zero()};
     for (int64_t k = 0; k < Kv; k += Tr::kStep) {
       const auto av = Tr::load_a(a + k);
+      FASTNN_UNROLL4
       for (int j = 0; j < 4; ++j) c[j] = Tr::madd(c[j], av, Tr::load_b(b + j * ldb + k));
     }
     finish4<Tr>(c, a, b, ldb, Kv, K, c_row + n);
@@ -87,6 +100,7 @@ FASTNN_QGEMM_TARGET void gemm_tiled(const typename Tr::In* A, int64_t lda, const
       for (int64_t k = 0; k < Kv; k += Tr::kStep) {
         const auto x0 = Tr::load_a(a0 + k);
         const auto x1 = Tr::load_a(a1 + k);
+        FASTNN_UNROLL4
         for (int j = 0; j < 4; ++j) {
           const auto bv = Tr::load_b(b + j * ldb + k);
           c0[j] = Tr::madd(c0[j], x0, bv);
