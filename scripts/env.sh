@@ -155,6 +155,7 @@ if ! build >"$buildlog" 2>&1; then
 fi
 log "built in $(( $(date +%s) - start )) s${wdir:+; wheel: $(ls "$wdir"/dist/*.whl)}"
 # Asked from outside the checkout: there, `import fastnn` is the installed one, not ./fastnn.
-built_cuda=$(cd / && "$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" -c 'import fastnn._extension as e; print(int(e.built_with_cuda()))' 2>/dev/null || echo 0)
+abs_py="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"   # PY may be relative to the checkout
+built_cuda=$(cd / && "$abs_py" -c 'import fastnn._extension as e; print(int(e.built_with_cuda()))' 2>/dev/null || echo 0)
 echo "$sources|$ext|$built_cuda|$arch|$torch_version" >"$stamp"
 echo "$PY"

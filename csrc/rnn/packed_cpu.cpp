@@ -19,10 +19,11 @@ using cpu::forward_block;
 
 namespace {
 
-constexpr int64_t kBlock = 8;  // hidden units per block: one AVX2 vector of floats
+// Hidden units per block: one vector of floats (8 with AVX2 and in portable builds, 4 with NEON).
+constexpr int64_t kBlock = Vectorized<float>::size();
 
-// W_hh [G, K] -> per block of 8 hidden units, for each k, the NG gates' 8 weights side by side:
-// [nb][K][NG][8], zero-padded past H. A block's slice (K*NG*8 floats) is contiguous. The buffer is
+// W_hh [G, K] -> per block of kBlock hidden units, for each k, the NG gates' kBlock weights side by side:
+// [nb][K][NG][kBlock], zero-padded past H. A block's slice (K*NG*kBlock floats) is contiguous. The buffer is
 // the calling thread's and is reused across calls: a fresh 1 MB allocation per call costs more in
 // page faults than the packing itself. (Packed weights are not cached across calls: a cache keyed
 // on the tensor cannot see writes through `.data`, and would silently go stale.)
@@ -38,7 +39,7 @@ const float* pack_weights(const float* w, int64_t NG, int64_t H, int64_t K) {
       const int64_t width = std::min(kBlock, H - jb * kBlock);
       for (int64_t g = 0; g < NG; ++g) {
         const float* rows = w + (g * H + jb * kBlock) * K;
-        // contiguous reads of 8 rows at once, writes 8 apart within the block's slice
+        // contiguous reads of kBlock rows at once, writes kBlock apart within the block's slice
         for (int64_t k = 0; k < K; ++k) {
           float* d = dst + (k * NG + g) * kBlock;
           for (int64_t l = 0; l < width; ++l) d[l] = rows[l * K + k];
@@ -50,7 +51,7 @@ const float* pack_weights(const float* w, int64_t NG, int64_t H, int64_t K) {
   return p;
 }
 
-// gh[b, g*H + j0 .. j0+8] (+)= the recurrent products of one block over features [k0, k1), for R
+// gh[b, g*H + j0 .. j0+kBlock] (+)= the recurrent products of one block over features [k0, k1), for R
 // batch rows starting at b and the NGP gates g0 .. g0+NGP-1 (of NG in the packed layout). `wp` is
 // the block's packed slice; `hin` the [B, K] input rows.
 template <int NG, int NGP, int R>
@@ -105,8 +106,8 @@ void block_all_rows(const float* w, const float* hin, int64_t K, int64_t k0, int
   if (b < B) block_products<NG, NG, 1>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, 0);
 }
 
-// The eight horizontal sums of a[0..8) as one vector.
-inline Vectorized<float> sum_each(Vectorized<float> (&a)[8]) {
+// The kBlock horizontal sums of a[0..kBlock) as one vector.
+inline Vectorized<float> sum_each(Vectorized<float> (&a)[kBlock]) {
 #if defined(CPU_CAPABILITY_AVX2)
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
@@ -114,18 +115,18 @@ inline Vectorized<float> sum_each(Vectorized<float> (&a)[8]) {
   // lanes: low half [0 1 2 3 | ...] of each 128-bit lane; add the two lanes
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 #else
-  float out[8];
-  for (int r = 0; r < 8; ++r) {
-    float v[8];
+  float out[kBlock];
+  for (int r = 0; r < kBlock; ++r) {
+    float v[kBlock];
     a[r].store(v);
     out[r] = 0.f;
-    for (int l = 0; l < 8; ++l) out[r] += v[l];
+    for (int l = 0; l < kBlock; ++l) out[r] += v[l];
   }
   return Vectorized<float>::loadu(out);
 #endif
 }
 
-// y[r] = w[r, :] . x for the `rows` (at most 8) rows of K starting at w: batch 1's recurrent
+// y[r] = w[r, :] . x for the `rows` (at most kBlock) rows of K starting at w: batch 1's recurrent
 // product on W_hh in its own row-major layout (nothing repacked), and a streaming step's input
 // projection. Eight rows at a time: eight independent FMA chains, one load of x per eight weight
 // loads, one vector of eight sums at the end.

@@ -314,8 +314,9 @@ def _register_native(_module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which int8 kernel variant runs (portable C++ "default", "avx2", "avx512_vnni"). The process
-# starts with FASTNN_CPU_ISA (auto when unset: the best this CPU runs).
+# Which int8 kernel variant runs (portable C++ "default"; "avx2", "avx512_vnni" on x86-64; "neon",
+# "neon_dotprod" on aarch64). The process starts with FASTNN_CPU_ISA (auto when unset: the best
+# this CPU runs).
 
 def _lib():
     if _extension.load() is None or not _extension.has_kernel("int8_linear", "CPU"):
@@ -334,6 +335,6 @@ def isas() -> list[str]:
 
 
 def set_isa(name: str) -> str:
-    """Use variant ``name`` ("default", "avx2", "avx512_vnni" or "auto") from now on; returns the
-    previous one. A variant this CPU cannot run raises ValueError."""
+    """Use variant ``name`` ("default", "avx2", "avx512_vnni", "neon", "neon_dotprod" or "auto") from
+    now on; returns the previous one. A variant this CPU cannot run raises ValueError."""
     return _lib().quantized_set_isa(name)

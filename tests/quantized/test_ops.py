@@ -10,7 +10,7 @@ from fastnn.reference import quantized as ref
 
 from .helpers import GATES, lstm_args, needs_cpu_kernels, run_seq, weights
 
-VARIANTS = ("default", "avx2", "avx512_vnni")
+VARIANTS = ("default", "avx2", "avx512_vnni", "neon", "neon_dotprod")
 
 
 @pytest.fixture(params=["reference", "cpu"])
