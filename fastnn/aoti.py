@@ -25,7 +25,6 @@ This module imports ``torch._inductor`` and ``torch.export``; ``import fastnn`` 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -63,18 +62,6 @@ def _build_metadata() -> dict[str, str]:
             "fastnn.int8_cpu_isa": str(isa) if isa is not None else "none"}
 
 
-def _prepare(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with fastnn's layers in place of the torch layers fastnn supports, in eval
-    mode (a package is for inference). The user's model is not modified.
-
-    Shared with the ONNX exporter's needs (a plain torch model in, fastnn's layers out)."""
-    from .convert import convert
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fastnn: argument 'aoti.package: model': expected a torch.nn.Module, got "
-                        f"{type(model).__name__}")
-    return convert(copy.deepcopy(model)).eval()
-
-
 def _failing_module(exc: BaseException, model: torch.nn.Module) -> Optional[str]:
     """The path (``model.named_modules()`` name) of the innermost module of ``model`` whose forward
     was running when ``exc`` was raised, from the traceback (non-strict export runs the forwards
@@ -97,7 +84,9 @@ def _failing_module(exc: BaseException, model: torch.nn.Module) -> Optional[str]
 
 
 def _export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
-    prepared = _prepare(model)
+    from .convert import converted_copy
+
+    prepared = converted_copy(model, "aoti.package").eval()  # a package is for inference
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     try:

@@ -211,6 +211,17 @@ def report(model: torch.nn.Module, *, only: Optional[list[str]] = None) -> Conve
     return _run(model, _convert_decider(only), build=False)[1]
 
 
+def converted_copy(model: torch.nn.Module, op: str) -> torch.nn.Module:
+    """A copy of ``model`` with the layers fastnn supports swapped for fastnn's; ``model`` itself is
+    not modified. The exporters start from it, so that a plain torch model exports through fastnn's
+    ops (with a dynamic sequence length for nn.LSTM / nn.GRU). ``op`` names the caller in errors."""
+    import copy
+
+    if not isinstance(model, torch.nn.Module):
+        fail("model", "a torch.nn.Module", type(model).__name__, op=op, error=TypeError)
+    return convert(copy.deepcopy(model))
+
+
 def names() -> list[str]:
     """The names of the registered conversions (the values ``convert(model, only=[...])`` takes)."""
     _load_families()

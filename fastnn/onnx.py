@@ -27,7 +27,6 @@ dropout masks of a model left in training mode, capacity-limited or grouped MoE 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from typing import Any, Callable, Optional
@@ -404,17 +403,6 @@ def _limits(name: str, a: dict) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------
 # export
 
-def _converted_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with the layers fastnn supports swapped for fastnn's (``fastnn.convert``);
-    ``model`` itself is not modified."""
-    from ._checks import fail
-    from .convert import convert
-
-    if not isinstance(model, torch.nn.Module):
-        fail("model", "a torch.nn.Module", type(model).__name__, op="onnx.export", error=TypeError)
-    return convert(copy.deepcopy(model)).cpu()
-
-
 def _module_of(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -495,7 +483,9 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: Optional
 
     # Traced on the CPU: the ops' CPU backends are the ones translated (a CUDA model would trace
     # fastnn's Triton ops), and an ONNX graph does not depend on the device it was traced on.
-    model = _converted_copy(model)
+    from .convert import converted_copy
+
+    model = converted_copy(model, "onnx.export").cpu()
     args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.cpu(), (args, kwargs))
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     if dynamic_shapes is None and dynamic_axes is not None:
