@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import time
@@ -25,17 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _model(args) -> nn.Module:
@@ -133,7 +121,11 @@ def main() -> None:
     times = out.get()
 
     params = args.layers * (args.dim * args.dim + args.dim)
-    print(f"CPU: {_cpu_model()}; ISA: {torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}")
+    from fastnn.bench.cli import device_description
+
+    cpu = device_description(torch.device("cpu"))
+    print(f"CPU: {cpu['cpu_name']}; ISA: {cpu['isa']} (torch kernels: {cpu['torch_cpu_capability']}); "
+          f"torch {torch.__version__}")
     print(f"FSDP2 on {args.world} gloo processes x {args.threads} threads; {args.layers} x Linear({args.dim}, "
           f"{args.dim}) = {params / 1e6:.2f}M parameters; batch {args.batch} per rank; "
           f"{args.rounds} rounds x {args.steps} steps per setup")
