@@ -31,13 +31,55 @@ std::string state_name(const Position& pos, const char* key) {
   return key ? "state['" + std::string(key) + "'] of " + param : param;
 }
 
+// The tensor the kernels step for the Python tensor `obj`: itself, or for a DTensor (FSDP2's
+// sharded parameters, tensor-parallel placements) its local shard. A DTensor is a wrapper without
+// storage; its `_local_tensor` holds this rank's data, and every tensor of a slot is a DTensor
+// with the same placement (checked for the gradient, whose placement the autograd engine chooses),
+// so stepping the local shards steps the DTensors exactly. Other tensor subclasses without
+// storage are refused with an error rather than read as memory they do not have.
+// `name()` names the tensor in an error (built only when one is raised).
+template <typename Name>
+at::Tensor local_tensor(PyObject* obj, const Name& name) {
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return t;
+  py::object local = py::getattr(py::handle(obj), "_local_tensor", py::none());
+  if (local.is_none()) {
+    if (t.has_storage()) return t;  // a subclass over its own storage
+    FASTNN_CHECK_ARG(false, name(), "a tensor or a DTensor",
+                     "a tensor subclass without storage (" + std::string(Py_TYPE(obj)->tp_name) + ")");
+  }
+  FASTNN_CHECK_ARG(THPVariable_Check(local.ptr()), name(), "a DTensor whose _local_tensor is a tensor",
+                   "an object of type " + std::string(Py_TYPE(local.ptr())->tp_name));
+  return THPVariable_Unpack(local.ptr());
+}
+
+// The gradient of a parameter, as local_tensor; a DTensor gradient must have the parameter's
+// placements (a Partial gradient of a Replicate parameter holds partial sums: stepping it would
+// be silently wrong, so it is refused).
+at::Tensor local_grad(PyObject* param, const at::Tensor& wrapper, const Position& pos) {
+  at::Tensor g = wrapper.grad();
+  if (!g.defined() || !g.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return g;
+  py::object grad = py::reinterpret_steal<py::object>(THPVariable_Wrap(g));
+  auto name = [&pos] { return "grad of " + state_name(pos, nullptr); };
+  // _spec.placements: slot and dataclass field reads, no Python code per parameter.
+  py::object want_spec = py::getattr(py::handle(param), "_spec", py::none());
+  py::object got_spec = py::getattr(grad, "_spec", py::none());
+  if (!want_spec.is_none() && !got_spec.is_none()) {
+    py::object want = want_spec.attr("placements"), got = got_spec.attr("placements");
+    FASTNN_CHECK_ARG(want.equal(got), name(),
+                     "a DTensor with the parameter's placements " + py::str(want).cast<std::string>(),
+                     py::str(got).cast<std::string>() + " (redistribute the gradient before step())");
+  }
+  return local_tensor(grad.ptr(), name);
+}
+
 // The state entry `key` of one parameter's state dict, or an undefined tensor when absent or None.
 at::Tensor state_tensor(PyObject* entry, const char* key, const Position& pos) {
   PyObject* v = PyDict_GetItemString(entry, key);  // borrowed; no error for a missing key
   if (v == nullptr || v == Py_None) return at::Tensor();
   FASTNN_CHECK_ARG(THPVariable_Check(v), state_name(pos, key), "a tensor",
                    "an object of type " + std::string(Py_TYPE(v)->tp_name));
-  return THPVariable_Unpack(v);
+  return local_tensor(v, [&] { return state_name(pos, key); });
 }
 
 class StepPlan {
@@ -86,8 +128,8 @@ class StepPlan {
   std::tuple<at::Tensor, at::Tensor> grad_norm(const py::list& param_groups, double max_norm,
                                                double norm_type, c10::optional<at::Tensor> grad_scale) {
     std::vector<at::Tensor> grads;
-    for_each_param(param_groups, [&](const at::Tensor& p, const Position&, PyObject*) {
-      at::Tensor g = p.grad();
+    for_each_param(param_groups, [&](const at::Tensor&, const Position& pos, PyObject* obj) {
+      at::Tensor g = local_grad(obj, THPVariable_Unpack(obj), pos);
       if (g.defined()) grads.push_back(std::move(g));
     });
     const at::Tensor scale = grad_scale.value_or(at::Tensor());
@@ -99,6 +141,45 @@ class StepPlan {
     if (device_.is_cuda()) return grad_norm_cuda(grads, max_norm, norm_type, scale, &norm_cache_);
 #endif
     return grad_norm_cpu(grads, max_norm, norm_type, scale);
+  }
+
+  // The gradient norm of each class of this device's parameters: classes[i] is the class of the
+  // i-th parameter of this device in param_groups' order. The optimizers sort the parameters by
+  // the process groups their norm is reduced over (none for plain and replicated ones). Returns
+  // (float32 norms of shape [n_classes], on_device); nothing is computed when `classes` does not
+  // have one entry per parameter of this device (the parameters changed: the caller re-plans).
+  std::tuple<at::Tensor, int64_t> grad_norms(const py::list& param_groups, const std::vector<int64_t>& classes,
+                                             int64_t n_classes, c10::optional<at::Tensor> grad_scale) {
+    FASTNN_CHECK_ARG(n_classes >= 1, "n_classes", "at least 1", std::to_string(n_classes));
+    for (int64_t c : classes) {
+      FASTNN_CHECK_ARG(c >= 0 && c < n_classes, "classes", "entries in [0, n_classes)", std::to_string(c));
+    }
+    std::vector<std::vector<at::Tensor>> grads(n_classes);
+    size_t i = 0;
+    const int64_t on_device = for_each_param(param_groups, [&](const at::Tensor&, const Position& pos, PyObject* obj) {
+      const size_t k = i++;
+      if (k >= classes.size()) return;
+      at::Tensor g = local_grad(obj, THPVariable_Unpack(obj), pos);
+      if (g.defined()) grads[classes[k]].push_back(std::move(g));
+    });
+    if (on_device != (int64_t)classes.size()) return {at::Tensor(), on_device};
+    const at::Tensor scale = grad_scale.value_or(at::Tensor());
+    std::vector<at::Tensor> norms;
+    for (int64_t c = 0; c < n_classes; ++c) {
+      if (grads[c].empty()) {
+        norms.push_back(at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device_)));
+        continue;
+      }
+#ifdef FASTNN_WITH_CUDA
+      if (device_.is_cuda()) {
+        if (class_caches_.size() < (size_t)n_classes) class_caches_.resize(n_classes);
+        norms.push_back(std::get<0>(grad_norm_cuda(grads[c], 1.0, 2.0, scale, &class_caches_[c])));
+        continue;
+      }
+#endif
+      norms.push_back(std::get<0>(grad_norm_cpu(grads[c], 1.0, 2.0, scale)));
+    }
+    return {at::stack(norms), on_device};
   }
 
  private:
@@ -117,7 +198,7 @@ class StepPlan {
         const Position pos{(int64_t)gi, (int64_t)pi};
         FASTNN_CHECK_ARG(THPVariable_Check(obj), state_name(pos, nullptr), "a tensor",
                          "an object of type " + std::string(Py_TYPE(obj)->tp_name));
-        const at::Tensor& p = THPVariable_Unpack(obj);
+        const at::Tensor p = local_tensor(obj, [&pos] { return state_name(pos, nullptr); });
         if (p.device() != device_) continue;
         ++on_device;
         fn(p, pos, obj);
@@ -133,7 +214,7 @@ class StepPlan {
                  std::vector<Position>& missing) const {
     const bool unscale = scaling.grad_scale.defined();
     return for_each_param(param_groups, [&](const at::Tensor& p, const Position& pos, PyObject* obj) {
-      at::Tensor grad = p.grad();
+      at::Tensor grad = local_grad(obj, THPVariable_Unpack(obj), pos);
       if (!grad.defined()) return;
       TORCH_CHECK(grad.layout() == at::kStrided, "fastnn.optim: sparse gradients are not supported (",
                   state_name(pos, nullptr), "); consider torch.optim.SparseAdam");
@@ -199,6 +280,7 @@ class StepPlan {
 #ifdef FASTNN_WITH_CUDA
   std::vector<CudaTableCache> caches_;
   CudaTableCache norm_cache_;
+  std::vector<CudaTableCache> class_caches_;
 #endif
 };
 
@@ -225,7 +307,9 @@ void bind_optim(pybind11::module_& m) {
            py::arg("grad_scale") = py::none(), py::arg("found_inf") = py::none(),
            py::arg("clip_coef") = py::none(), py::arg("first_step") = std::vector<std::pair<int64_t, int64_t>>())
       .def("grad_norm", &StepPlan::grad_norm, py::arg("param_groups"), py::arg("max_norm"),
-           py::arg("norm_type") = 2.0, py::arg("grad_scale") = py::none());
+           py::arg("norm_type") = 2.0, py::arg("grad_scale") = py::none())
+      .def("grad_norms", &StepPlan::grad_norms, py::arg("param_groups"), py::arg("classes"),
+           py::arg("n_classes"), py::arg("grad_scale") = py::none());
 }
 
 }  // namespace fastnn

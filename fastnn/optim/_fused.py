@@ -18,6 +18,17 @@ replaced. The step runs, per device:
   whole model;
 * otherwise (``triton``/``reference``): the lists of parameters with gradients are gathered in
   Python and passed to ``fastnn.ops.adam_step_``/``sgd_step_``.
+
+DTensor parameters (FSDP2's ``fully_shard``, tensor-parallel placements) are stepped through
+their local shards, in the same fused step as the plain parameters of their device: a DTensor
+is a wrapper without storage, and the update is elementwise, so stepping each rank's shard of
+the parameter, its gradient and its state steps the DTensor. The state itself is kept as torch
+keeps it: ``exp_avg``, ``exp_avg_sq`` and ``momentum_buffer`` are DTensors with the parameter's
+placements (so ``torch.distributed.checkpoint`` reshards them), ``step`` a plain tensor.
+``max_grad_norm`` clips by the norm of the whole model, as ``clip_grad_norm_`` computes it on
+DTensor gradients: the squared norms of sharded gradients are summed over the mesh dimensions
+they are sharded on (one all-reduce per distinct set of process groups, usually one), replicated
+and plain ones are counted once.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from .. import _extension, backends
 from .. import ops as _ops
@@ -37,11 +49,16 @@ class _Plan:
     and how many parameters the device held when the plan was made (a different count means a
     parameter moved in or out of it: the plans are made again)."""
 
-    def __init__(self, device: torch.device, n_params: int, backend: str, native: Any | None):
+    def __init__(self, device: torch.device, n_params: int, backend: str, native: Any | None,
+                 classes: list[int], reductions: list[tuple]):
         self.device = device
         self.n_params = n_params
         self.backend = backend
         self.native = native  # fastnn._C.StepPlan or None
+        # Clipping: the norm class of each of the device's parameters (in param_groups' order),
+        # and per class the process groups its squared norm is summed over (class 0: none).
+        self.classes = classes
+        self.reductions = reductions
 
 
 class _Stale(Exception):
@@ -147,9 +164,16 @@ class FusedOptimizerMixin:
                 by_device.setdefault(p.device, []).append(p)
         plans = []
         for device, params in by_device.items():
-            backend = self._choose(device, params)
+            backend = self._choose(device, [local(p) for p in params])
             native = _extension.load().StepPlan(self._kind, device) if backend in ("cpu", "cuda") else None
-            plans.append(_Plan(device, len(params), backend, native))
+            reductions: list[tuple] = [()]
+            classes = []
+            for p in params:
+                groups = _norm_reduction(p)
+                if groups not in reductions:
+                    reductions.append(groups)
+                classes.append(reductions.index(groups))
+            plans.append(_Plan(device, len(params), backend, native, classes, reductions))
         return plans
 
     def _current_plans(self) -> list[_Plan]:
@@ -224,6 +248,7 @@ class FusedOptimizerMixin:
                 on_device += 1
                 if p.grad is None:
                     continue
+                local_grad(p)  # checks the placements of a DTensor gradient
                 if p.grad.is_sparse:
                     raise RuntimeError(f"fastnn.optim.{type(self).__name__} does not support sparse gradients; "
                                        "consider torch.optim.SparseAdam")
@@ -249,10 +274,13 @@ class FusedOptimizerMixin:
         norms = []
         for plan in plans:
             scale = _on(grad_scale, plan.device)
-            if plan.native is not None:
+            if len(plan.reductions) > 1:  # DTensor gradients sharded over a mesh
+                norm = self._reduced_norm(plan, scale)
+                coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            elif plan.native is not None:
                 norm, coef = plan.native.grad_norm(self.param_groups, float(self.max_grad_norm), 2.0, scale)
             else:
-                grads = [p.grad for g in self.param_groups for p in g["params"]
+                grads = [local_grad(p) for g in self.param_groups for p in g["params"]
                          if p.grad is not None and p.device == plan.device]
                 norm, coef = _ops.grad_norm_clip_coef(grads, float(self.max_grad_norm), 2.0, scale) if grads \
                     else (torch.zeros((), device=plan.device), torch.ones((), device=plan.device))
@@ -266,6 +294,57 @@ class FusedOptimizerMixin:
         coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).float()
         self.last_grad_norm = total.float()
         return {device: coef.to(device, non_blocking=True) for device, _, _ in norms}
+
+    def _reduced_norm(self, plan: _Plan, scale: Optional[Tensor]) -> Tensor:
+        """The norm of the gradients of one device's parameters over every rank that shares them:
+        per class, the squared norm of the local shards, summed over the class's process groups
+        (as the Partial norm of a sharded DTensor gradient reduces in ``clip_grad_norm_``)."""
+        n = len(plan.reductions)
+        if plan.native is not None:
+            norms, on_device = plan.native.grad_norms(self.param_groups, plan.classes, n, scale)
+            if on_device != plan.n_params:
+                raise _Stale
+        else:
+            params = [p for g in self.param_groups for p in g["params"] if p.device == plan.device]
+            if len(params) != plan.n_params:
+                raise _Stale
+            per_class: list[list[Tensor]] = [[] for _ in range(n)]
+            for p, c in zip(params, plan.classes):
+                if p.grad is not None:
+                    per_class[c].append(local_grad(p))
+            norms = torch.stack([
+                _ops.grad_norm_clip_coef(grads, 1.0, 2.0, scale)[0] if grads
+                else torch.zeros((), device=plan.device) for grads in per_class])
+        squares = norms.double().square()
+        for c in range(1, n):
+            for group in plan.reductions[c]:
+                dist.all_reduce(squares[c:c + 1], group=group)
+        return squares.sum().sqrt().float()
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor a kernel steps for ``t``: its local shard when ``t`` is a DTensor, else ``t``."""
+    return getattr(t, "_local_tensor", t)
+
+
+def local_grad(p: Tensor) -> Optional[Tensor]:
+    """The local gradient of ``p``; a DTensor gradient must have ``p``'s placements (a Partial
+    gradient of a Replicate parameter holds partial sums: stepping it would be wrong)."""
+    g = p.grad
+    spec, gspec = getattr(p, "_spec", None), getattr(g, "_spec", None)
+    if spec is not None and gspec is not None and spec.placements != gspec.placements:
+        raise ValueError(f"fastnn: argument 'grad': expected a DTensor with the parameter's placements "
+                         f"{spec.placements}, got {gspec.placements} (redistribute the gradient before step())")
+    return None if g is None else local(g)
+
+
+def _norm_reduction(p: Tensor) -> tuple:
+    """The process groups over which the squared gradient norm of ``p`` is summed: the mesh
+    dimensions a DTensor is sharded on; none for a plain or replicated parameter."""
+    spec = getattr(p, "_spec", None)
+    if spec is None:
+        return ()
+    return tuple(spec.mesh.get_group(d) for d, pl in enumerate(spec.placements) if pl.is_shard() or pl.is_partial())
 
 
 def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

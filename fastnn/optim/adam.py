@@ -9,7 +9,7 @@ import torch
 
 from .. import ops as _ops
 from ..ops import optim as _optim_ops
-from ._fused import FusedOptimizerMixin, as_float, lr_args
+from ._fused import FusedOptimizerMixin, as_float, local, local_grad, lr_args
 
 __all__ = ["Adam", "AdamW"]
 
@@ -51,10 +51,12 @@ class _AdamFamily(FusedOptimizerMixin):
     def _bind_lists(self, group: dict[str, Any], params: list[Tensor], first_step: bool, scaling: dict):
         states = [self.state[p] for p in params]
         settings = self._settings(group, params[0].device)
+        def entries(key: str) -> list[Tensor]:
+            return [local(s[key]) for s in states]
+
         return self._op.bind(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [], [s["step"] for s in states],
-            **settings, **scaling)
+            [local(p) for p in params], [local_grad(p) for p in params], entries("exp_avg"), entries("exp_avg_sq"),
+            entries("max_exp_avg_sq") if group["amsgrad"] else [], entries("step"), **settings, **scaling)
 
     def _choose(self, device: torch.device, params: list[Tensor]) -> str:
         return self._op.choose(params, [], [], [], [], [], lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8,

@@ -9,7 +9,7 @@ import torch
 
 from .. import ops as _ops
 from ..ops import optim as _optim_ops
-from ._fused import FusedOptimizerMixin, lr_args
+from ._fused import FusedOptimizerMixin, local, local_grad, lr_args
 
 __all__ = ["SGD"]
 
@@ -62,8 +62,8 @@ class SGD(FusedOptimizerMixin, torch.optim.SGD):
 
     def _bind_lists(self, group: dict[str, Any], params: list[Tensor], first_step: bool, scaling: dict):
         settings = self._settings(group, params[0].device)
-        bufs = [self.state[p]["momentum_buffer"] for p in params] if settings["momentum"] != 0 else []
-        return self._op.bind(params, [p.grad for p in params], bufs, is_first_step=first_step, **settings,
+        bufs = [local(self.state[p]["momentum_buffer"]) for p in params] if settings["momentum"] != 0 else []
+        return self._op.bind([local(p) for p in params], [local_grad(p) for p in params], bufs, is_first_step=first_step, **settings,
                              **scaling)
 
     def _choose(self, device: torch.device, params: list[Tensor]) -> str:
