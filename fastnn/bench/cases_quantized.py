@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -66,8 +67,13 @@ def _onnxruntime(layer: nn.Module, inputs: tuple[torch.Tensor, ...], int8: bool)
             # The TorchScript exporter writes nn.LSTM / nn.GRU as the ONNX LSTM / GRU ops, which
             # onnxruntime's quantizer turns into its int8 kernels; it also exports in about a second.
             torch.onnx.export(_Flat(layer).eval(), inputs, path, input_names=names, dynamo=False)
-            if int8:
-                ort_quantize(path, path, weight_type=QuantType.QInt8)
+            if int8:  # (quiet: the quantizer logs advice to pre-process the model on every call)
+                root, level = logging.getLogger(), logging.getLogger().level
+                root.setLevel(logging.ERROR)
+                try:
+                    ort_quantize(path, path, weight_type=QuantType.QInt8)
+                finally:
+                    root.setLevel(level)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
