@@ -105,6 +105,10 @@ class ExpertParallelMoE(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.aux_loss: Optional[Tensor] = None
+        # Each rank holds other experts: a whole-model gradient norm (fastnn.optim's max_grad_norm)
+        # sums their squares over the group instead of counting this rank's alone.
+        for p in (self.gate_up_proj, self.down_proj):
+            p._fastnn_norm_group = group if group is not None else dist.group.WORLD
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """This rank's expert weights (``gate_up_proj``, ``down_proj``): each rank holds different

@@ -171,6 +171,14 @@ class MoE(nn.Module):
         self.router_logits: Optional[Tensor] = None
         self.router_stats: dict[str, Tensor] = {}
 
+    def __getstate__(self):
+        # aux_loss and router_logits belong to the last forward's autograd graph: non-leaf tensors,
+        # which copy.deepcopy (quantize_dynamic, the exporters) and pickle refuse. A copy starts
+        # without them, as after __init__.
+        state = dict(super().__getstate__())
+        state["aux_loss"] = state["router_logits"] = None
+        return state
+
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.routing.items())
         return (f"hidden_size={self.hidden_size}, ffn_hidden_size={self.ffn_hidden_size}, "

@@ -340,7 +340,12 @@ def local_grad(p: Tensor) -> Optional[Tensor]:
 
 def _norm_reduction(p: Tensor) -> tuple:
     """The process groups over which the squared gradient norm of ``p`` is summed: the mesh
-    dimensions a DTensor is sharded on; none for a plain or replicated parameter."""
+    dimensions a DTensor is sharded on; the group a plain parameter names when each rank holds a
+    different part of it (``_fastnn_norm_group``: ExpertParallelMoE's experts); none for a plain or
+    replicated parameter."""
+    group = getattr(p, "_fastnn_norm_group", None)
+    if group is not None:
+        return (group,)
     spec = getattr(p, "_spec", None)
     if spec is None:
         return ()

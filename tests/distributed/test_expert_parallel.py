@@ -21,6 +21,23 @@ CONFIGS = {
 def _run_all_configs(rank, world):
     for config in CONFIGS:  # one process group for every config: starting processes is the cost
         _check(rank, world, config)
+    _check_whole_model_norm(rank, world)
+
+
+def _check_whole_model_norm(rank, world):
+    """fastnn.optim's max_grad_norm over an ExpertParallelMoE: each rank's experts are its own, so
+    their squares are summed over the group; the replicated router and shared expert count once."""
+    torch.manual_seed(0)
+    ep = ExpertParallelMoE(fastnn.MoE(10, 7, dtype=torch.float64, shared_expert_size=6, **CONFIGS["mixtral"]))
+    x = torch.randn(world, 9, 10, dtype=torch.float64)[rank]
+    (ep(x).square().sum() * 100).backward()
+    experts = sum(p.grad.square().sum() for p in ep.expert_parameters())
+    dist.all_reduce(experts)
+    others = sum(p.grad.square().sum() for n, p in ep.named_parameters()
+                 if all(p is not e for e in ep.expert_parameters()))
+    opt = fastnn.optim.AdamW(ep.parameters(), lr=1e-3, max_grad_norm=1e-3)
+    opt.step()
+    testing.assert_close(opt.last_grad_norm.double(), (experts + others).sqrt(), msg="whole-model norm")
 
 
 def _check(rank, world, config):

@@ -190,3 +190,16 @@ def test_inference_matches_loop(backend, device_for, config):
     with torch.no_grad():
         want = loop_moe(m, x)
     testing.assert_close(y, want)
+
+
+def test_a_layer_that_ran_with_autograd_can_be_copied_and_quantized():
+    import copy
+
+    moe = fastnn.MoE(8, 16, 4, 2, aux_loss_coef=0.01)
+    moe(torch.randn(3, 8)).sum().backward()  # leaves non-leaf aux_loss / router_logits on the module
+    twin = copy.deepcopy(moe)
+    assert twin.aux_loss is None and twin.router_logits is None and moe.aux_loss is not None
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(twin(x), moe(x))
+    q = fastnn.quantize_dynamic(moe.eval())
+    assert q(x).shape == (5, 8)
