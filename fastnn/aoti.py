@@ -131,7 +131,9 @@ def package(model: torch.nn.Module, example_inputs: tuple, path: str | os.PathLi
     """
     ep = _export(model, example_inputs, dynamic_shapes)
     import torch._inductor
-    options = {"aot_inductor.metadata": _build_metadata()}
+    # check_lowerbound=False: the package's input checks (see load) accept sizes 0 and 1 of a
+    # dynamic dimension, which the exported program handles (export only specialises on 0 and 1).
+    options = {"aot_inductor.metadata": _build_metadata(), "aot_inductor.check_lowerbound": False}
     return torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path), inductor_configs=options)
 
 
@@ -197,6 +199,8 @@ def load(path: str | os.PathLike):
     Checks first, reading the file only, that it is an intact package (:class:`PackageError` for a
     truncated or corrupted file) built by this fastnn version, for this torch version and machine,
     with the int8 instruction set fastnn uses here (:class:`PackageError` saying which differs).
+    Turns on the package's input checks (``AOTI_RUNTIME_CHECK_INPUTS=1``, unless set otherwise):
+    an input of the wrong shape, dtype or strides raises instead of being read out of bounds.
     """
     path = os.fspath(path)
     meta = _read_zip(path)
@@ -204,5 +208,9 @@ def load(path: str | os.PathLike):
     if _extension.load() is None:
         raise PackageError(f"fastnn.aoti.load: fastnn's compiled library is not available ({_extension.error()}); "
                            "the package calls its ops")
+    # A compiled package checks its inputs' shapes, dtypes and strides only when this variable is
+    # set when it first runs; without the checks a wrong input reads out of bounds or gives wrong
+    # numbers silently. A process that loads a package without fastnn sets it itself.
+    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     import torch._inductor
     return torch._inductor.aoti_load_package(path)

@@ -230,3 +230,28 @@ def test_import_fastnn_does_not_import_inductor():
                         "print('fastnn.aoti' in sys.modules)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False", "True"]
+
+
+CHECKED = r"""
+import sys, torch, fastnn
+runner = fastnn.aoti.load(sys.argv[1])
+IN = int(sys.argv[2])
+print("T=1", tuple(runner(torch.randn(2, 1, IN))[0].shape))  # a dynamic size of 1 is accepted
+for bad in (torch.randn(3, 5, IN), torch.randn(2, 5, IN + 1), torch.randn(5, IN),
+            torch.randn(2, IN, 5).transpose(1, 2), torch.randn(2, 5, IN, dtype=torch.float64)):
+    try:
+        runner(bad)
+    except Exception as e:  # the package's own check
+        print("refused", type(e).__name__)
+    else:
+        print("accepted", tuple(bad.shape), bad.stride())
+"""
+
+
+def test_loaded_package_checks_its_inputs(built):
+    code = f"import sys; sys.argv = ['-', {built['path']!r}, '{IN}']\n" + CHECKED
+    proc = run_isolated(code, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "T=1 (2, 1, 3)", proc.stdout
+    assert lines[1:] == ["refused RuntimeError"] * 5, proc.stdout

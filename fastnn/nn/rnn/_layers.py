@@ -200,8 +200,10 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
     def forward(self, input, hx=None):
         # As torch's forward: parameters replaced without setattr (torch.func.functional_call,
         # register_parameter, DTensor's distribute_module, a write to _parameters) must be the
-        # ones used, not the tensors _flat_weights listed before.
-        self._update_flat_weights()
+        # ones used, not the tensors _flat_weights listed before. (Under torch.export an assignment
+        # to the module is an error-prone side effect; _layer_weights reads the weights by name there.)
+        if not torch.compiler.is_exporting():
+            self._update_flat_weights()
         lstm = self._kind == "lstm"
         orig_input = input
         batch_sizes = None
