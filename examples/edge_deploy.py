@@ -207,7 +207,9 @@ def main(argv=None) -> dict:
         for kind, path in paths.items():
             r = _run_fresh(kind, path, windows, args.threads)
             level = last + np.asarray(r["pred"]) * sd + mu
-            results[kind] = {"bytes": os.path.getsize(path), "latency_ms": r["latency_ms"],
+            # an ONNX file may keep its weights beside it (<name>.data): they ship with it
+            size = os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+            results[kind] = {"bytes": size, "latency_ms": r["latency_ms"],
                              "rmse": math.sqrt(float(np.mean((level - target) ** 2))), "peak_rss_mb": r["peak_rss_mb"]}
     print(f"\nCO2 forecaster, {len(xte)} test windows at batch 1, {args.threads} threads, "
           f"int8 kernels: {fastnn.build_info()['int8_cpu_isa']}")
