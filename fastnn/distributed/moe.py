@@ -37,6 +37,16 @@ With data-parallel engines (measured with gloo on the CPU, 2 and 4 processes):
 * ``DistributedDataParallel`` would broadcast rank 0's experts to every rank and average the expert
   gradients: exclude the experts with
   ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)`` (not tested).
+* ``torch.distributed.checkpoint`` takes the expert weights (plain tensors with the same key on
+  every rank) for replicated ones and saves one rank's: not supported; save ``ep.state_dict()`` per
+  rank with ``torch.save``. The state_dict names them ``gate_up_proj`` / ``down_proj`` (a
+  :class:`fastnn.MoE` names them ``experts.gate_up_proj`` / ``experts.down_proj``).
+* fastnn's optimizers clip (``max_grad_norm``) by the whole model's norm: the experts' squared
+  norms are summed over the group.
+
+Capacity limits, the auxiliary loss and routing noise are computed on each rank's own tokens (so
+they equal the single-process layer run on that rank's tokens, not on the global batch), and the
+selection bias has no ``update_selection_bias`` here.
 """
 
 from __future__ import annotations
