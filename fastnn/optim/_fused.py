@@ -80,6 +80,10 @@ class FusedOptimizerMixin:
         for group in self.param_groups:
             if group.get("differentiable", False):
                 raise ValueError(f"fastnn.optim.{name} does not support differentiable=True; use torch.optim.{name}")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool)
+                                          or not isinstance(max_grad_norm, (int, float, Tensor))):
+            raise TypeError(f"fastnn.optim.{name}: max_grad_norm must be a number or None, got "
+                            f"{type(max_grad_norm).__name__} {max_grad_norm!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"fastnn.optim.{name}: max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.max_grad_norm = max_grad_norm

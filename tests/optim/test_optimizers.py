@@ -511,3 +511,10 @@ def test_parameters_on_several_devices():
     assert len(opt._plans) == 2
     for p, c in zip(params, clones):
         testing.assert_close(p.detach(), c.detach())
+
+
+@pytest.mark.parametrize("bad, error", [("1.0", TypeError), (True, TypeError), (0.0, ValueError), (float("nan"), ValueError)])
+def test_max_grad_norm_must_be_a_positive_number(bad, error):
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(error, match="max_grad_norm"):
+        fastnn.optim.AdamW([p], max_grad_norm=bad)
