@@ -8,9 +8,11 @@ cause; it never raises at import.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 import warnings
 
@@ -145,6 +147,21 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     except RuntimeError:  # the op is not registered at all (a library built before it existed)
         return False
     return True
+
+
+@contextlib.contextmanager
+def quiet_cpp_extension_import():
+    """Imports made inside it do not log torch.utils.cpp_extension's import-time warning (on a CUDA
+    build of torch without a GPU: "No CUDA runtime is found, using CUDA_HOME=..."). Modules that
+    pull it in and have nothing to do with building C++ (torch.utils.benchmark, torch._inductor)
+    are imported in it, so that a CPU user sees no CUDA noise."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def library_path() -> str | None:

@@ -130,7 +130,8 @@ def package(model: torch.nn.Module, example_inputs: tuple, path: str | os.PathLi
     Raises :class:`ExportError` naming the module whose forward ``torch.export`` cannot trace.
     """
     ep = _export(model, example_inputs, dynamic_shapes)
-    import torch._inductor
+    with _extension.quiet_cpp_extension_import():
+        import torch._inductor
     # check_lowerbound=False: the package's input checks (see load) accept sizes 0 and 1 of a
     # dynamic dimension, which the exported program handles (export only specialises on 0 and 1).
     options = {"aot_inductor.metadata": _build_metadata(), "aot_inductor.check_lowerbound": False}
@@ -212,5 +213,6 @@ def load(path: str | os.PathLike):
     # set when it first runs; without the checks a wrong input reads out of bounds or gives wrong
     # numbers silently. A process that loads a package without fastnn sets it itself.
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
-    import torch._inductor
+    with _extension.quiet_cpp_extension_import():
+        import torch._inductor
     return torch._inductor.aoti_load_package(path)

@@ -6,7 +6,9 @@ Each row times, in the same run and with the same weights:
 - onnxruntime int8: the torch model exported with ``torch.onnx.export`` and quantized with
   ``onnxruntime.quantization.quantize_dynamic`` (int8 weights; ``DynamicQuantizeLSTM`` for an LSTM,
   ``MatMulInteger`` for matrix products; onnxruntime leaves a GRU in fp32);
-- onnxruntime fp32, torch fp32 and fastnn fp32.
+- onnxruntime fp32, torch fp32 and fastnn fp32;
+- on the sequence rows, fastnn int8 as an AOTInductor package (``fastnn.aoti``), which should run
+  within 10% of fastnn int8 eager or faster.
 
 onnxruntime runs with as many intra-op threads as torch (one inter-op thread). The recurrent rows'
 baseline is onnxruntime int8, the fastest thing a user has today; where onnxruntime is not installed
@@ -95,16 +97,32 @@ def _no_grad(fn, *args):
     return run
 
 
+def _aoti(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
+    """The int8 module as an AOTInductor package (fastnn.aoti), loaded and ready to time; None
+    without fastnn's compiled library."""
+    from .. import _extension, aoti
+
+    if _extension.library_path() is None:
+        return None
+    folder = tempfile.mkdtemp(prefix="fastnn-bench-aoti-")
+    runner = aoti.load(aoti.package(module, inputs, os.path.join(folder, "model.pt2")))
+    return lambda: runner(*inputs)
+
+
 def _compare(fp32: nn.Module, inputs: tuple[torch.Tensor, ...], fast_fp32: nn.Module | None,
-             baseline: str) -> Run:
+             baseline: str, packaged: bool = False) -> Run:
     """The row for the float module `fp32` (torch) called on `inputs`: fastnn int8 against the
-    named baseline, with the others beside it."""
+    named baseline, with the others beside it (and the int8 model as an AOTInductor package
+    when `packaged`)."""
     int8 = quantize_dynamic(fp32)
     want = _Flat(fp32)(*inputs).detach()
     flat8 = _Flat(int8)
     timed = {"torch fp32": _no_grad(_Flat(fp32), *inputs)}
     if fast_fp32 is not None:
         timed["fastnn fp32"] = _no_grad(_Flat(fast_fp32), *inputs)
+    packaged_run = _aoti(flat8, inputs) if packaged else None
+    if packaged_run is not None:
+        timed["fastnn int8 AOTInductor"] = packaged_run
     ort8, ort32 = _onnxruntime(fp32, inputs, int8=True), _onnxruntime(fp32, inputs, int8=False)
     notes = [f"saved weights: fp32 {_bytes(fp32) / 1024:.0f} KiB, int8 {_bytes(int8) / 1024:.0f} KiB "
              f"({_bytes(int8) / _bytes(fp32):.2f}x)"]
@@ -128,7 +146,7 @@ def _sequence(kind: str, T: int, B: int, I: int, H: int) -> Run:
     fp32 = layer_cls(I, H).eval()
     fast = fast_cls(I, H).eval()
     fast.load_state_dict(fp32.state_dict())
-    return _compare(fp32, (torch.randn(T, B, I),), fast, "onnxruntime int8")
+    return _compare(fp32, (torch.randn(T, B, I),), fast, "onnxruntime int8", packaged=True)
 
 
 def _step(kind: str, H: int) -> Run:

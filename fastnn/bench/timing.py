@@ -20,7 +20,6 @@ the spread (quartiles, min and max) that ``fastnn-bench`` stores and draws as er
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from typing import Any, Callable
@@ -58,21 +57,11 @@ def _cuda_ms(fn: Callable[[], Any], *, warmup: int, reps: int, budget_s: float) 
     return [float(v) for v in out] if isinstance(out, (list, tuple)) else [float(out)]
 
 
-def _quiet_import_timer():
-    """torch.utils.benchmark imports torch.utils.cpp_extension, which on a CUDA build of torch
-    without a GPU logs a warning about CUDA_HOME at import: noise in a CPU benchmark's output."""
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        from torch.utils.benchmark import Timer
-    finally:
-        log.setLevel(level)
-    return Timer
-
-
 def _cpu_ms(fn: Callable[[], Any], *, budget_s: float, clock: str) -> list[float]:
-    Timer = _quiet_import_timer()
+    from .._extension import quiet_cpp_extension_import
+
+    with quiet_cpp_extension_import():
+        from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, timer=CLOCKS[clock], num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=budget_s)
