@@ -157,5 +157,6 @@ log "built in $(( $(date +%s) - start )) s${wdir:+; wheel: $(ls "$wdir"/dist/*.w
 # Asked from outside the checkout: there, `import fastnn` is the installed one, not ./fastnn.
 abs_py="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"   # PY may be relative to the checkout
 built_cuda=$(cd / && "$abs_py" -c 'import fastnn._extension as e; print(int(e.built_with_cuda()))' 2>/dev/null || echo 0)
+mkdir -p "$(dirname "$stamp")"
 echo "$sources|$ext|$built_cuda|$arch|$torch_version" >"$stamp"
 echo "$PY"
