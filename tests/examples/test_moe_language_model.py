@@ -26,9 +26,11 @@ def test_quick_run_learns_and_matches_the_loop(capsys, one_thread):
     # Same initialisation, same batches, same routing: the curves agree to float rounding.
     assert max(abs(a - b) for a, b in zip(fast["losses"], loop["losses"])) < 1e-3
     assert "largest loss difference between fastnn and the HF loop" in out
-    # --quantize: the layers quantize_dynamic supports (here the output Linear) in int8, val loss within 1%
+    # --quantize: the layers quantize_dynamic supports (the MoE experts and the output Linear) in
+    # int8, val loss within 1%
     q = fast["quantized"]
-    assert "quantized layer types: Linear" in out and "fp32 against int8 dynamic" in out
+    types = next(line for line in out.splitlines() if line.startswith("quantized layer types: "))
+    assert "Linear" in types and "MoE" in types and "fp32 against int8 dynamic" in out
     assert abs(q["int8"]["metric"] - q["fp32"]["metric"]) <= 0.01 * q["fp32"]["metric"], q
     assert q["int8"]["bytes"] < q["fp32"]["bytes"]
 
