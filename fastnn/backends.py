@@ -356,5 +356,22 @@ class Op:
         a = self._checked(args, kwargs)
         return self._run(self._choose(a), a)
 
+    def native_kernel(self, device: torch.device) -> Callable[..., Any] | None:
+        """The compiled implementation (called with the op's arguments in signature order) that a call
+        on ``device`` would run, when that choice depends on the device alone: nothing forces another
+        backend, the first backend preferred for the device is ``cpu``/``cuda``, it is loaded and it
+        has no per-call ``supports`` check. Else None: go through the op.
+
+        For callers that own their arguments' validity (a quantized module passes its own checked
+        weights, once per layer and call) and cannot afford :meth:`validate` per call at batch 1,
+        where it costs more than the int8 kernel. The compiled ops keep their own checks.
+        """
+        want = forced(self.name)
+        backend = want or self.preference.get(device.type, ("reference",))[0]
+        impl = self.impls.get(backend)
+        if backend not in ("cpu", "cuda") or impl is None or impl.supports is not None:
+            return None
+        return impl.fn if _generic_reason(backend, device, impl.native) is None else None
+
     def __repr__(self) -> str:
         return f"fastnn.backends.Op({self.name!r}, backends={sorted(self.impls)})"

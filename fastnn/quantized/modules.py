@@ -75,6 +75,25 @@ class _Quantized(nn.Module):
                     "the CPU only (no GPU path yet); keep the quantized model and its inputs on the CPU, or "
                     "run fastnn.dequantize(model) to get float layers for the GPU")
 
+    @staticmethod
+    def _run(op, *args):
+        """``op(*args)``, straight to its compiled kernel when only the device decides the backend and
+        no argument needs a gradient: the module passes its own weights and has checked the input's
+        shape, and at batch 1 the op's per-call validation costs more than the int8 kernel. Otherwise
+        through the op, which validates every argument and raises its errors (inference-only,
+        forced backends, ...)."""
+        if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)):
+            x = args[0]
+            kernel = op.native_kernel(x.device) if isinstance(x, Tensor) and x.dtype == torch.float32 else None
+            if kernel is not None:
+                return kernel(*args)
+        return op(*args)
+
+    def _check_features(self, x: Tensor, expected: int, what: str) -> None:
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[-1] != expected:
+            raise RuntimeError(f"fastnn.quantized.{type(self).__name__}: input.size(-1) must be equal to {what}. "
+                               f"Expected {expected}, got {x.shape[-1]}")
+
     def _set_weight(self, name: str, w_q: Tensor, scale: Tensor) -> None:
         self.register_buffer(f"{name}_q", w_q)
         self.register_buffer(f"{name}_scale", scale)
@@ -156,7 +175,8 @@ class Linear(_Quantized):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_device(input)
-        y = qops.int8_linear(_to_fp32(input), self.weight_q, self.weight_scale, self.bias, self.weight_only)
+        self._check_features(input, self.in_features, "in_features")
+        y = self._run(qops.int8_linear, _to_fp32(input), self.weight_q, self.weight_scale, self.bias, self.weight_only)
         return _back(y, input.dtype) if isinstance(input, Tensor) and input.is_floating_point() else y
 
     def extra_repr(self) -> str:
@@ -171,13 +191,18 @@ class _Recurrent(_Quantized):
     _gates = 4
 
     def _layer(self, x: Tensor, states: list[Tensor], sfx: str, lengths: Optional[Tensor], reverse: bool):
-        w = [getattr(self, n) for n in (f"weight_ih{sfx}_q", f"weight_ih{sfx}_scale", f"weight_hh{sfx}_q",
-                                         f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")]
+        cache = self.__dict__.setdefault("_layer_names", {})  # per layer suffix: its buffers' names
+        names = cache.get(sfx)
+        if names is None:
+            names = cache[sfx] = (f"weight_ih{sfx}_q", f"weight_ih{sfx}_scale", f"weight_hh{sfx}_q",
+                                              f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")
+        buffers = self._buffers  # read directly: nn.Module.__getattr__ costs microseconds per name
+        w = [buffers[n] for n in names]
         if self._kind == "lstm":
-            return qops.int8_lstm_seq(x, states[0], states[1], *w, lengths, reverse, self.weight_only)
+            return self._run(qops.int8_lstm_seq, x, states[0], states[1], *w, lengths, reverse, self.weight_only)
         if self._kind == "gru":
-            return qops.int8_gru_seq(x, states[0], *w, lengths, reverse, self.weight_only)
-        return qops.int8_rnn_seq(x, states[0], *w, lengths, reverse, self.weight_only, self.nonlinearity)
+            return self._run(qops.int8_gru_seq, x, states[0], *w, lengths, reverse, self.weight_only)
+        return self._run(qops.int8_rnn_seq, x, states[0], *w, lengths, reverse, self.weight_only, self.nonlinearity)
 
     def _init_kind(self, nonlinearity: str, cell: bool) -> None:
         if nonlinearity not in ("tanh", "relu"):
@@ -262,6 +287,7 @@ class _RNNBase(_Recurrent):
             x = input if batched else input.unsqueeze(1)
             if self.batch_first and batched:
                 x = x.transpose(0, 1)
+        self._check_features(x, self.input_size, "input_size")
         T, B = x.shape[0], x.shape[1]
         if T == 0:  # as torch.nn's recurrent layers
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
@@ -269,8 +295,9 @@ class _RNNBase(_Recurrent):
         x = _to_fp32(x)
         D = 2 if self.bidirectional else 1
         n_states = 2 if self._kind == "lstm" else 1
-        if hx is None:  # zeros, already in the batched layout
-            states = [x.new_zeros((self.num_layers * D, B, self.hidden_size)) for _ in range(n_states)]
+        if hx is None:  # one zero state for every layer and direction: the ops do not write their inputs
+            zeros = x.new_zeros((B, self.hidden_size))
+            per_layer = [[zeros] * (self.num_layers * D) for _ in range(n_states)]
         else:
             states = list(hx) if n_states == 2 else [hx]
             if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
@@ -280,21 +307,22 @@ class _RNNBase(_Recurrent):
                 if any(s.dim() != 2 for s in states):
                     raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D")
                 states = [s.unsqueeze(1) for s in states]
-        want = (self.num_layers * D, B, self.hidden_size)
-        for s in states:
-            if tuple(s.shape) != want:
-                raise RuntimeError(f"{name}: Expected hidden size {want}, got {list(s.shape)}")
+            want = (self.num_layers * D, B, self.hidden_size)
+            for s in states:
+                if tuple(s.shape) != want:
+                    raise RuntimeError(f"{name}: Expected hidden size {want}, got {list(s.shape)}")
+            per_layer = [list(s.unbind(0)) for s in states]
         finals: list[list[Tensor]] = [[] for _ in range(n_states)]
         for layer in range(self.num_layers):
             outs = []
             for d in range(D):
                 k = layer * D + d
-                res = self._layer(x, [s[k] for s in states], f"_l{layer}" + ("_reverse" if d else ""), lengths, d == 1)
+                res = self._layer(x, [s[k] for s in per_layer], f"_l{layer}" + ("_reverse" if d else ""), lengths, d == 1)
                 outs.append(res[0])
                 for i in range(n_states):
                     finals[i].append(res[1 + i])
             x = outs[0] if D == 1 else torch.cat(outs, -1)
-        out_states = [_back(torch.stack(f), dtype) for f in finals]
+        out_states = [_back(f[0].unsqueeze(0) if len(f) == 1 else torch.stack(f), dtype) for f in finals]
         x = _back(x, dtype)
         if packed:
             si, ui = input.sorted_indices, input.unsorted_indices
@@ -365,6 +393,7 @@ class _CellBase(_Recurrent):
         self._check_device(input)
         dtype = input.dtype if input.is_floating_point() else torch.float32  # outputs in the input's dtype
         batched = input.dim() == 2
+        self._check_features(input, self.input_size, "input_size")
         x = _to_fp32(input if batched else input.unsqueeze(0))
         n_states = 2 if self._kind == "lstm" else 1
         if hx is None:

@@ -220,6 +220,38 @@ def test_autograd_recording_is_a_clear_error(backend):
     assert out.grad_fn is None
 
 
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Linear(4, 3), torch.randn(2, 5)),
+    (lambda: nn.LSTM(4, 3), torch.randn(3, 2, 5)),
+    (lambda: nn.GRUCell(4, 3), torch.randn(2, 5)),
+])
+def test_input_of_the_wrong_width_names_the_size(backend, make, x):
+    q = quantize_dynamic(make())
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"input.size\(-1\) must be equal to (in_features|input_size). "
+                                                             r"Expected 4, got 5"):
+        q(x)
+
+
+def test_module_calls_skip_the_per_call_validation(monkeypatch):
+    """At batch 1 the ops' Python validation costs more than the int8 kernel: a module passing its own
+    weights goes straight to the compiled kernel when nothing forces another backend."""
+    needs_cpu_kernels()
+    from fastnn.backends import Op
+    calls = []
+    checked = Op._checked
+    monkeypatch.setattr(Op, "_checked", lambda self, *a: calls.append(self.name) or checked(self, *a))
+    model = quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.LSTM(4, 3, num_layers=2, bidirectional=True)))
+    cell = quantize_dynamic(nn.LSTMCell(4, 3))
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 4))[0]
+        cell(torch.randn(1, 4))
+    assert calls == [] and out.shape == (2, 1, 6)
+    x = torch.randn(2, 1, 4, requires_grad=True)  # recording: through the op, which refuses it
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x)
+    assert calls == ["int8_linear"]
+
+
 def test_dtype_and_spec_errors():
     m = nn.Linear(3, 3)
     with pytest.raises(NotImplementedError, match="float16"):
