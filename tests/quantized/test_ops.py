@@ -104,6 +104,34 @@ def test_sequences_match_reference(variant, kind, weight_only, reverse):
             assert torch.all(got[0][3:, 1] == 0) and torch.all(got[0][5:, 2] == 0)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_sequences_split_over_tasks_match_one_task_and_reference(kind, weight_only):
+    """Large enough for the recurrence to split its hidden units over two tasks that meet at a
+    barrier twice per step (B * gates * H * H >= 32768 multiply-adds per step): the same numbers as
+    one task, and the reference's; with a NaN row (the exact path, per task) and rows that end early."""
+    needs_cpu_kernels()
+    gates = GATES[kind]
+    H = 68 if gates > 1 else 100  # not a whole number of vectors: each task's last units are scalar
+    x, h0, c0, w = lstm_args(6, 5, 24, H, gates)
+    x[2, 3, 5] = float("nan")
+    lengths = torch.tensor([6, 2, 5, 6, 1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_seq(kind, "cpu", x, h0, c0, w, lengths, False, weight_only)
+        torch.set_num_threads(2)
+        two = run_seq(kind, "cpu", x, h0, c0, w, lengths, False, weight_only)
+    finally:
+        torch.set_num_threads(before)
+    want = run_seq(kind, "reference", x, h0, c0, w, lengths, False, weight_only)
+    for a, b, r in zip(one, two, want):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isnan(), r.isnan())
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(b, r, rtol=0, atol=2e-3, equal_nan=True)
+    assert torch.all(two[0][2:, 1] == 0) and not two[0][:, [0, 2, 4]].isnan().any()
+
+
 def test_sequence_lengths_keep_state_past_the_end():
     needs_cpu_kernels()
     x, h0, c0, w = lstm_args(6, 2, 5, 4)
