@@ -70,6 +70,22 @@ def forced(op: str) -> str | None:
     return _FORCED.get(op, _FORCED.get(None))
 
 
+# fastnn.LSTM's float32 CPU forward at this batch size and above runs torch's own LSTM kernel
+# (oneDNN's, which torch.nn.LSTM uses there) instead of fastnn's packed recurrence: measured on a
+# 2-core AVX2 machine at T=100 B=32 H=256, fastnn's kernel ran at 0.90x torch's inference and
+# 0.88x its training, and the drop-in promise is never to be slower than the replaced layer. It is
+# the last resort, for this one layer and these shapes only (batch 1, where fastnn's kernel is
+# 1.5x faster, and the GRU and RNN keep fastnn's). Forcing a backend for lstm_seq
+# (FASTNN_BACKEND=lstm_seq:cpu, or force()) keeps fastnn's kernel.
+TORCH_LSTM_CPU_MIN_BATCH = 16
+
+
+def lstm_runs_torch_kernel(device: torch.device, dtype: torch.dtype, batch: int) -> bool:
+    """Whether a plain fastnn.LSTM forward on these inputs runs torch's kernel (see above)."""
+    return (device.type == "cpu" and dtype == torch.float32 and batch >= TORCH_LSTM_CPU_MIN_BATCH
+            and forced("lstm_seq") is None)
+
+
 @contextlib.contextmanager
 def force(backend: str, ops: Iterable[str] | None = None) -> Iterator[None]:
     """Force ``backend`` for every op, or for the ops named, inside the block."""

@@ -12,6 +12,7 @@ import copy
 
 import torch
 
+from .. import backends
 from .. import nn as fnn
 from .. import testing
 from ..reference import rnn as ref
@@ -90,6 +91,16 @@ def _run(kind, T, B, I, H, device, dtype=torch.float32, train=False, cell_loop=T
     if cell_loop:
         others[f"nn.{_CELLS[kind].__name__} loop"] = _cell_loop(kind, base, x, train)
     note = ""
+    if kind == "lstm" and backends.lstm_runs_torch_kernel(x.device, dtype, B):
+        # fastnn.LSTM runs torch's kernel here (the last resort of the drop-in promise): the row says
+        # so, and times fastnn's own kernel beside it.
+        note = (f"fastnn.LSTM runs torch's own kernel at a float32 CPU batch >= {backends.TORCH_LSTM_CPU_MIN_BATCH} "
+                "(fastnn.backends.lstm_runs_torch_kernel); fastnn's kernel is the 'fastnn kernel' column")
+
+        def forced(fn=fastnn):
+            with backends.force("cpu", ops=["lstm_seq"]):
+                return fn()
+        others["fastnn kernel (FASTNN_BACKEND=lstm_seq:cpu)"] = forced
     if train and device.type == "cuda":
         note = _peak_memory_note(baseline, fastnn, device)
     G = (4 if kind == "lstm" else 3) * H

@@ -452,3 +452,46 @@ def test_layer_norm_option(cls):
         fastnn.revert(m)
     with pytest.raises(ValueError, match="layer_norm"):
         fastnn.LSTM(5, 7, proj_size=3, layer_norm=True)
+
+
+def _count_fastnn_lstm_calls(monkeypatch):
+    calls = []
+    trusted = fastnn.ops.lstm_seq.trusted
+    monkeypatch.setattr(fastnn.ops.lstm_seq, "trusted", lambda *a, **k: calls.append(1) or trusted(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_at_large_cpu_batches_runs_torchs_kernel(monkeypatch, packed):
+    """The last resort of the drop-in promise: where fastnn's kernel measured slower (float32 CPU
+    LSTM, batch >= backends.TORCH_LSTM_CPU_MIN_BATCH), torch's own kernel runs: torch's numbers, its
+    gradients; below that batch, forced backends and options torch lacks keep fastnn's kernel."""
+    calls = _count_fastnn_lstm_calls(monkeypatch)
+    n = backends.TORCH_LSTM_CPU_MIN_BATCH
+    torch.manual_seed(0)
+    base = nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+    fast = fastnn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+    fast.load_state_dict(base.state_dict())
+    x = torch.randn(n, 4, 5)
+    if packed:
+        x = pack_padded_sequence(x, torch.randint(1, 5, (n,)), batch_first=True, enforce_sorted=False)
+    got, want = fast(x), base(x)
+    assert calls == []
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert torch.equal(g, w)
+    sum(t.sum() for t in torch.utils._pytree.tree_leaves(got) if t.is_floating_point()).backward()
+    sum(t.sum() for t in torch.utils._pytree.tree_leaves(want) if t.is_floating_point()).backward()
+    for pf, pb in zip(fast.parameters(), base.parameters()):
+        assert torch.equal(pf.grad, pb.grad)
+
+    fast(torch.randn(n - 1, 4, 5))  # a smaller batch: fastnn's kernel
+    assert len(calls) == 4  # 2 layers x 2 directions
+    if backends.forced("lstm_seq") is None:
+        with backends.force("cpu", ops=["lstm_seq"]):
+            fast(torch.randn(n, 4, 5))
+        assert len(calls) == 8
+    for options in (dict(layer_norm=True), dict(proj_size=3), dict(recurrent_dropout=0.1)):
+        assert not fastnn.LSTM(5, 7, batch_first=True, **options)._runs_torch_kernel(torch.randn(n, 4, 5)), options
+    del calls[:]
+    fast.double()(torch.randn(n, 4, 5, dtype=torch.float64))  # float64: fastnn's kernel
+    assert len(calls) == 4

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ... import ops
+from ... import backends, ops
 from ._common import DOC_BACKENDS, FastnnRepr, autocast_dtype, cast, check_on, check_state, without_autocast
 
 __all__ = ["LSTM", "GRU", "RNN"]
@@ -197,7 +197,23 @@ class _RecurrentBase(FastnnRepr, nn.RNNBase):
     def _state_width(self) -> int:
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
+    def _runs_torch_kernel(self, input) -> bool:
+        """A plain float32 LSTM on the CPU at a batch where torch's own kernel is the faster one
+        (fastnn.backends.lstm_runs_torch_kernel); eager mode only, so compiled and exported graphs
+        keep fastnn's op, and never with an option torch's layer lacks."""
+        if (self._kind != "lstm" or self.proj_size or self.layer_norm or (self.recurrent_dropout and self.training)
+                or torch.compiler.is_compiling()):
+            return False
+        packed = isinstance(input, PackedSequence)
+        x = input.data if packed else input
+        if not isinstance(x, Tensor) or x.dim() not in ((1, 2) if packed else (2, 3)) or autocast_dtype(x) is not None:
+            return False
+        batch = int(input.batch_sizes[0]) if packed else (x.shape[0 if self.batch_first else 1] if x.dim() == 3 else 1)
+        return backends.lstm_runs_torch_kernel(x.device, x.dtype, batch)
+
     def forward(self, input, hx=None):
+        if self._runs_torch_kernel(input):
+            return nn.LSTM.forward(self, input, hx)
         # As torch's forward: parameters replaced without setattr (torch.func.functional_call,
         # register_parameter, DTensor's distribute_module, a write to _parameters) must be the
         # ones used, not the tensors _flat_weights listed before. (Under torch.export an assignment
