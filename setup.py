@@ -6,6 +6,23 @@ Switches (environment):
                               CUDA build and nvcc is found; ``1`` fails the build when it cannot.
   TORCH_CUDA_ARCH_LIST        architectures to compile for (default "8.0;9.0").
   MAX_JOBS                    parallel compile jobs (ninja).
+  FASTNN_BUILD_ISA=all|LIST   x86-64: which variants of the vector kernels to compile (below); a
+                              comma-separated subset of avx2,avx512 (default is always built),
+                              e.g. ``default`` alone for a quick portable-only build. Default: all.
+
+CPU instruction sets. The library runs on any CPU of its architecture, and its vector kernels run at
+the best instruction set the CPU has, chosen at run time (csrc/cpu_isa.h; FASTNN_CPU_ISA forces
+one). To that end:
+  - every source outside an ``isa/`` folder is compiled with no instruction-set flags (portable
+    x86-64 or AArch64);
+  - the sources in ``csrc/<family>/isa/*.cpp`` (the at::vec kernels; headers in that folder are
+    included by them only) are compiled once per variant, with the flags of torch's CPU_CAPABILITY
+    builds and -DFASTNN_ISA=<variant>, which puts every definition of the file in the namespace
+    ``isa_<variant>`` of its family (cpu_isa.h, FASTNN_ISA_BEGIN):
+      x86-64:  default (no flags), avx2 (AVX2+FMA+F16C), avx512 (AVX-512 F/BW/VL/DQ + FMA+F16C)
+      others:  default only (at::vec uses NEON on AArch64 without flags)
+    The families' dispatchers (csrc/<family>/cpu_dispatch.cpp and the like) call the active one;
+  - the int8 GEMM kernels (csrc/quantized/qgemm_*.cpp) carry target attributes instead.
 
 Nothing here looks at whether a GPU is visible: the CI machine has none and must still compile
 the CUDA sources so that a CUDA compile error fails CI.
@@ -13,6 +30,7 @@ the CUDA sources so that a CUDA compile error fails CI.
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -44,28 +62,65 @@ def _find_cuda_home():
     return None
 
 
-def _cpu_isa_flags():
-    """Vector ISA for the CPU kernels (at::vec). The extension is built on the machine that runs it
-    (pip install --no-build-isolation -e .), so ``auto`` uses AVX2+FMA when this CPU has them.
-    FASTNN_BUILD_ISA=default builds portable code. (The int8 kernels are compiled for every ISA and
-    chosen at run time: FASTNN_CPU_ISA.)"""
-    isa = _flag("FASTNN_BUILD_ISA", "auto")
-    if isa == "auto":
-        flags = set()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-        isa = "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
-    if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if isa != "default":
-        sys.exit(f"fastnn: FASTNN_BUILD_ISA must be auto, avx2 or default, got {isa!r}")
-    return []
+_ISA_VARIANTS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def _isa_variants():
+    """The variants of the isa/ sources to compile, default first (see _IsaBuildExtension for why
+    the order matters). Off x86-64 only default: csrc/cpu_isa.h selects avx2/avx512 only there."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["default"]
+    wanted = _flag("FASTNN_BUILD_ISA", "all")
+    names = ["avx2", "avx512"] if wanted in ("all", "auto") else [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = sorted(set(names) - set(_ISA_VARIANTS))
+    if unknown:
+        sys.exit(f"fastnn: FASTNN_BUILD_ISA must be all or a comma-separated subset of default, avx2, avx512; "
+                 f"got {wanted!r}")
+    return ["default"] + [n for n in ("avx2", "avx512") if n in names]
+
+
+def _isa_build_ext(base):
+    """torch's BuildExtension, compiling the isa/ sources once per variant (see the docstring)."""
+
+    class _IsaBuildExtension(base):
+        def build_extension(self, ext):
+            isa_sources = getattr(ext, "fastnn_isa_sources", [])
+            objects = []
+            for variant in _isa_variants():
+                flags = _ISA_VARIANTS[variant] + [f"-DFASTNN_ISA={variant}"]
+                extra = ext.extra_compile_args
+                # CUDAExtension's arguments are a dict {'cxx': [...], 'nvcc': [...]}; the isa sources
+                # are C++ only, so only 'cxx' gets the variant's flags.
+                post = dict(extra, cxx=extra["cxx"] + flags) if isinstance(extra, dict) else list(extra) + flags
+                # self.compiler.compile is torch's ninja compile (ccache-wrapped, MAX_JOBS jobs in
+                # parallel), one ninja file per variant in its own folder.
+                objects += self.compiler.compile(
+                    isa_sources,
+                    output_dir=os.path.join(self.build_temp, "isa", variant),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs=post,
+                    depends=ext.depends,
+                )
+            # Link order: the base objects (ext.sources) first, then default, then avx2, avx512.
+            # Inline functions and templates that several objects instantiate with the same name
+            # (ATen's and the standard library's, e.g. std::fill<float*> or a scalar
+            # fastnn::optim::sgd_update<float>) become COMDAT groups, and the linker (GNU ld, lld)
+            # keeps the FIRST copy it sees. The avx2/avx512 objects' copies of such functions may use
+            # AVX instructions; linked after a portable copy they are discarded, so the portable
+            # path never calls one of them. (Everything fastnn defines in an isa/ source lies in a
+            # namespace of its variant and is never shared; tests/test_cpu_isa.py checks the linked
+            # library for AVX code outside those namespaces.)
+            ext.extra_objects = list(getattr(ext, "fastnn_extra_objects", [])) + objects
+            super().build_extension(ext)
+
+    return _IsaBuildExtension
 
 
 def _packages():
@@ -102,10 +157,12 @@ def _extensions():
 
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    all_cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    isa_sources = [p for p in all_cpp if "/isa/" in p.replace(os.sep, "/")]
+    sources = [p for p in all_cpp if p not in isa_sources]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_isa_flags()
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
 
     if build_cuda:
@@ -136,7 +193,13 @@ def _extensions():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    ext.fastnn_isa_sources = isa_sources
+    # setuptools relinks only when a source or a dependency is newer than the library: the isa
+    # sources are not in ext.sources, so name them (and the headers) here. (ninja's depfiles decide
+    # what is recompiled.)
+    ext.depends = isa_sources + sorted(glob.glob("csrc/**/*.h", recursive=True))
+    ext.fastnn_extra_objects = list(ext.extra_objects)
+    build_ext = _isa_build_ext(cpp_extension.BuildExtension).with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 
 

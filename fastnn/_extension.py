@@ -178,19 +178,21 @@ def info() -> dict:
         "extension": available(),
         "extension_error": error(),
         "cuda_kernels": built_with_cuda(),
-        "int8_cpu_isa": _int8_isa(),
+        "cpu_isa": _cpu_isa("cpu_isa"),
+        "int8_cpu_isa": _cpu_isa("quantized_isa"),
         "library_path": library_path(),
         "torch": torch.__version__,
     }
 
 
-def _int8_isa() -> str | None:
-    """The instruction set the int8 CPU kernels run with (chosen at run time), or None."""
+def _cpu_isa(op: str) -> str | None:
+    """The CPU instruction-set level of the compiled CPU kernels (``cpu_isa``), or the variant of the
+    int8 kernels it implies (``quantized_isa``), both chosen at run time; None without them."""
     if not available():
         return None
     try:
-        return torch.ops.fastnn.quantized_isa()
+        return getattr(torch.ops.fastnn, op)()
     except (AttributeError, RuntimeError):
         return None
-    except ValueError as exc:  # FASTNN_CPU_ISA names a variant this CPU cannot run: say so, don't raise
+    except ValueError as exc:  # FASTNN_CPU_ISA names a level this CPU cannot run: say so, don't raise
         return f"none: {exc}"

@@ -1,5 +1,6 @@
 // Host-side interface of fastnn's optimizer kernels (Adam/AdamW, SGD, gradient norm), shared by
-// the op registrations (optim_ops.cpp), the CPU kernels (optim_cpu.cpp), the CUDA kernels
+// the op registrations (optim_ops.cpp), the CPU kernels (isa/optim_cpu.cpp, one copy per
+// instruction-set variant, called through cpu_dispatch.cpp), the CUDA kernels
 // (kernels/cuda/optim/optim_cuda.cu) and the optimizers' step plan (plan.cpp).
 #pragma once
 
@@ -9,6 +10,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cpu_isa.h"
 
 namespace fastnn {
 namespace optim {
@@ -77,6 +80,14 @@ void step_cpu(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& gro
 std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& grads,
                                                  double max_norm, double norm_type,
                                                  const at::Tensor& grad_scale);
+
+// The CPU kernels of one compiled variant of isa/optim_cpu.cpp; step_cpu and grad_norm_cpu call
+// those of the CPU instruction-set level in use.
+struct CpuKernels {
+  void (*step)(Kind, std::vector<Slot>&, const std::vector<Group>&, const Scaling&);
+  std::tuple<at::Tensor, at::Tensor> (*grad_norm)(const std::vector<at::Tensor>&, double, double, const at::Tensor&);
+};
+FASTNN_ISA_DECLARE(CpuKernels, cpu_kernels)
 
 #ifdef FASTNN_WITH_CUDA
 // The device copy of a launch's tensor table, kept by a caller that steps the same tensors again

@@ -43,8 +43,9 @@ bool cpu_has_dotprod();
 // The variants this CPU can run, best last (at most three on either architecture).
 int available_kernels(const Kernels* out[3]);
 
-// The variant in use: FASTNN_CPU_ISA (auto or one of the names above) when first asked, else
-// the best this CPU runs; set_kernels(name) changes it for the process (tests force each one).
+// The variant in use: that of the CPU instruction-set level in use (cpu_isa.h: FASTNN_CPU_ISA when
+// first asked, else the best this CPU runs); set_kernels(name) changes the level for the process,
+// the fp32 kernels' variant with it (tests force each one). Implemented in qgemm_select.cpp.
 const Kernels& active_kernels();
 const Kernels& set_kernels(const char* name);
 

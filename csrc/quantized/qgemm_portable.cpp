@@ -33,10 +33,11 @@ int available_kernels(const Kernels* out[3]) {
   out[n++] = &kPortable;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  if (avx2_kernels() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out[n++] = avx2_kernels();
-  if (avx512_vnni_kernels() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vnni"))
+  // The features of cpu_isa.cpp's levels avx2 and avx512_vnni, so that this list and the levels agree.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2_kernels() && avx2) out[n++] = avx2_kernels();
+  if (avx512_vnni_kernels() && avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
     out[n++] = avx512_vnni_kernels();
 #endif
   // Advanced SIMD is part of every AArch64 CPU; the dot-product instructions are optional (Armv8.2,

@@ -17,9 +17,9 @@
 // and the weighted combine of fastnn's MoE family (unpermute_tokens_cpu). A column block holds
 // ~16 KB of int8 weights, so it stays in L1 while the kernel walks the tile's rows; items are
 // handed out dynamically (experts get unequal numbers of rows), and small batches still spread
-// over the threads through their column blocks.
+// over the threads through their column blocks. The vector code (activations, row quantization)
+// is isa/qmoe_vec.cpp's, one copy per instruction-set variant (cpu_isa.h).
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <atomic>
@@ -32,75 +32,20 @@
 #include "common.h"
 #include "moe/moe.h"
 #include "quantized/qgemm.h"
+#include "quantized/qmoe_vec.h"
 #include "quantized/quantized.h"
 
 namespace fastnn {
 namespace quantized {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-
 constexpr int64_t kRowsPerTile = 64;
 constexpr int64_t kBlockBytes = 16384;  // int8 weight bytes of one column block
-
-enum class Act { SiLU, GeLU, GeLUTanh, ReLU };
 
 Act parse_act(const std::string& a) {
   FASTNN_CHECK_ARG(a == "silu" || a == "gelu" || a == "gelu_tanh" || a == "relu", "activation",
                    "one of silu, gelu, gelu_tanh, relu", "'" + a + "'");
   return a == "silu" ? Act::SiLU : a == "gelu" ? Act::GeLU : a == "gelu_tanh" ? Act::GeLUTanh : Act::ReLU;
-}
-
-Vec activate(Act act, Vec x) {
-  switch (act) {
-    case Act::SiLU:
-      return x / (Vec(1.f) + x.neg().exp_u20());
-    case Act::GeLU:
-      return Vec(0.5f) * x * (Vec(1.f) + (x * Vec(static_cast<float>(M_SQRT1_2))).erf());
-    case Act::GeLUTanh: {
-      const Vec inner = Vec(0.7978845608028654f) * (x + Vec(0.044715f) * x * x * x);
-      return Vec(0.5f) * x * (Vec(1.f) + inner.tanh());
-    }
-    default:
-      return at::vec::clamp_min(x, Vec(0.f));
-  }
-}
-
-// h[j] = act(g[j]) * u[j], j < n.
-void gated(Act act, const float* g, const float* u, float* h, int64_t n) {
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) (activate(act, Vec::loadu(g + j)) * Vec::loadu(u + j)).store(h + j);
-  if (j < n) {
-    const int64_t r = n - j;
-    (activate(act, Vec::loadu(g + j, r)) * Vec::loadu(u + j, r)).store(h + j, r);
-  }
-}
-
-// Symmetric per-row int8 of x [K]: scale = max|x| / 127 (1 for a zero row), q = round(x / scale)
-// (ties to even). A row with NaN or inf gets zeros and scale NaN, so only its own outputs are NaN.
-void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
-  Vec vmax(0.f);
-  int64_t k = 0;
-  for (; k + Vec::size() <= K; k += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + k).abs());
-  float amax = 0.f;
-  float lanes[Vec::size()];
-  vmax.store(lanes);
-  for (int64_t i = 0; i < Vec::size(); ++i) amax = std::isnan(lanes[i]) || amax < lanes[i] ? lanes[i] : amax;
-  for (; k < K; ++k) amax = std::isnan(x[k]) || amax < std::fabs(x[k]) ? std::fabs(x[k]) : amax;
-  if (!std::isfinite(amax)) {
-    std::fill(q, q + K, int8_t(0));
-    *scale = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
-  const float s = amax == 0.f ? 1.f : amax / 127.f;
-  const Vec vs(s), lo(-127.f), hi(127.f);
-  float buf[Vec::size()];
-  for (k = 0; k < K; k += Vec::size()) {
-    const int64_t n = std::min<int64_t>(Vec::size(), K - k);
-    at::vec::clamp(Vec::loadu(x + k, n) / vs, lo, hi).round().store(buf, n);
-    for (int64_t i = 0; i < n; ++i) q[k + i] = static_cast<int8_t>(static_cast<int32_t>(buf[i]));
-  }
-  *scale = s;
 }
 
 // Columns per block: ~kBlockBytes of an expert's [N, K] int8 weight, a multiple of 4 (the kernels'
@@ -182,6 +127,7 @@ struct Args {
   at::Tensor x, slots, counts, pos, weights, w1, s1, w2, s2;
   int64_t T, H, E, I, k, P;
   Act act;
+  const MoeVecKernels* vec;  // the active instruction-set variant's
 };
 
 // Passes 2-4 on the permuted rows x1 [P, H]; returns y [T*k, H] (zero rows for dropped slots).
@@ -203,7 +149,7 @@ at::Tensor experts(const Args& a, const Rows<In, Acc>& x1) {
     float* u = scratch_of<float>(s, cells, 2, 3);
     product(x1, w1 + it.e * 2 * I * H, s1 + it.e * 2 * I, it, 0, acc, g, n);
     product(x1, w1 + it.e * 2 * I * H, s1 + it.e * 2 * I, it, I, acc, u, n);
-    for (int64_t m = 0; m < it.rows; ++m) gated(a.act, g + m * n, u + m * n, h + (it.r0 + m) * I + it.c0, n);
+    for (int64_t m = 0; m < it.rows; ++m) a.vec->gated(a.act, g + m * n, u + m * n, h + (it.r0 + m) * I + it.c0, n);
   });
   // The down product's rows: h itself (weight-only) or h quantized per row.
   Rows<In, Acc> x2{x1.kernel, reinterpret_cast<const In*>(h), nullptr, I};
@@ -213,7 +159,7 @@ at::Tensor experts(const Args& a, const Rows<In, Acc>& x1) {
     int8_t* q = hq.data_ptr<int8_t>();
     float* qs = hs.data_ptr<float>();
     at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) quantize_row(h + p * I, I, q + p * I, qs + p);
+      for (int64_t p = p0; p < p1; ++p) a.vec->quantize_row(h + p * I, I, q + p * I, qs + p);
     });
     x2.a = reinterpret_cast<const In*>(q);
     x2.row_scale = qs;
@@ -276,7 +222,7 @@ at::Tensor int8_moe_mlp(const at::Tensor& x, const at::Tensor& sorted_slots, con
   Args a{x.contiguous(), sorted_slots.contiguous(), tokens_per_expert.contiguous(), slot_positions.contiguous(),
          weights.contiguous(), gate_up_q.contiguous(), gate_up_scale.contiguous(), down_q.contiguous(),
          down_scale.contiguous(), x.size(0), x.size(1), gate_up_q.size(0), gate_up_q.size(1) / 2,
-         slot_positions.size(1), 0, parse_act(std::string(activation))};
+         slot_positions.size(1), 0, parse_act(std::string(activation)), &FASTNN_ISA_SELECT(moe_vec_kernels)};
   check(a);
   const int64_t* cnt = a.counts.data_ptr<int64_t>();
   for (int64_t e = 0; e < a.E; ++e) a.P += cnt[e];
@@ -298,7 +244,7 @@ at::Tensor int8_moe_mlp(const at::Tensor& x, const at::Tensor& sorted_slots, con
     int8_t* q = xq.data_ptr<int8_t>();
     float* qs = xs.data_ptr<float>();
     at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) quantize_row(xp + (sp[p] / a.k) * H, H, q + p * H, qs + p);
+      for (int64_t p = p0; p < p1; ++p) a.vec->quantize_row(xp + (sp[p] / a.k) * H, H, q + p * H, qs + p);
     });
     y = experts<int8_t, int32_t>(a, {kern.s8s8, q, qs, H});
   }

@@ -3,10 +3,12 @@
 //   rnn_checks.cpp     the compiled ops' argument checks,
 //   rnn_engine.cpp     the device-independent sequence driver: the GEMMs and the choice among the
 //                      forward strategies below,
-//   step_cpu.cpp       CPU strategy "steps": one step's fused pointwise kernel (cpu_step.h) after
-//                      each recurrent GEMM (also the whole backward),
-//   packed_cpu.cpp     CPU strategy "packed": the whole float32 recurrence in one parallel region,
-//                      its own recurrent products, tasks meeting at a barrier (step_barrier.h),
+//   isa/step_cpu.cpp   CPU strategy "steps": one step's fused pointwise kernel (isa/cpu_step.h)
+//                      after each recurrent GEMM (also the whole backward),
+//   isa/packed_cpu.cpp CPU strategy "packed": the whole float32 recurrence in one parallel region,
+//                      its own recurrent products, tasks meeting at a barrier (isa/step_barrier.h),
+//   cpu_dispatch.cpp   the CPU entry points below: each calls the isa/ copy (default, avx2, avx512)
+//                      of the CPU instruction-set level in use (cpu_isa.h),
 //   kernels/cuda/rnn/rnn_cuda.cu   the CUDA step kernels and the opt-in persistent kernel.
 //
 // One layer and one direction of LSTM/GRU/RNN over a time-major sequence [T, B, I]:
@@ -27,6 +29,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cpu_isa.h"
 
 namespace fastnn {
 namespace rnn {
@@ -143,6 +147,18 @@ template <typename T>
 void step_forward_cpu(const FwdStep<T>& s);
 template <typename T>
 void step_backward_cpu(const BwdStep<T>& s);
+
+// The CPU kernels of one compiled variant of the isa/ sources; the entry points above call those of
+// the level in use (cpu_dispatch.cpp).
+struct CpuKernels {
+  void (*packed_forward)(const PackedForward&);
+  void (*matvec)(const float*, int64_t, int64_t, const float*, float*);
+  void (*step_forward_f32)(const FwdStep<float>&);
+  void (*step_forward_f64)(const FwdStep<double>&);
+  void (*step_backward_f32)(const BwdStep<float>&);
+  void (*step_backward_f64)(const BwdStep<double>&);
+};
+FASTNN_ISA_DECLARE(CpuKernels, cpu_kernels)
 
 #ifdef FASTNN_WITH_CUDA
 // The whole forward in one cooperative launch (float, no projection, no mask; opt-in with

@@ -200,7 +200,8 @@ def run_cases(cases: list[Case], device: torch.device, *, rounds: int = 3, budge
 
 def header(desc: dict[str, Any], ext: dict[str, Any], commit: str | None) -> str:
     """What ran where: the device, the CPU and its instruction set, threads, torch and fastnn."""
-    cpu = f"{desc['cpu_name']} ({desc['isa']}; torch's CPU kernels: {desc['torch_cpu_capability']})"
+    cpu = (f"{desc['cpu_name']} ({desc['isa']}; torch's CPU kernels: {desc['torch_cpu_capability']}"
+           f"{'; fastnn kernels: ' + str(ext['cpu_isa']) if ext.get('cpu_isa') else ''})")
     where = f"{desc['name']}, host CPU {cpu}" if desc["device"] == "cuda" else cpu
     kernels = "yes" if ext["extension"] else f"no ({ext['extension_error']})"
     return (f"{where}, {desc['threads']} threads, torch {torch.__version__}, fastnn {__version__}"

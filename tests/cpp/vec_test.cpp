@@ -1,7 +1,7 @@
 // Compares the fp32 CPU microkernels written with at::vec with a double-precision reference, on odd
 // widths (vector body plus scalar tail), so that each instruction set's at::vec (AVX2 here, NEON
 // under qemu-aarch64) is checked:
-//   - the fused recurrent step of csrc/rnn/cpu_step.h: forward_block and backward_row for LSTM,
+//   - the fused recurrent step of csrc/rnn/isa/cpu_step.h: forward_block and backward_row for LSTM,
 //     GRU, RNN tanh/relu, with padded rows (lengths), split column ranges, biases, double buffering;
 //   - the optimizer update math of csrc/optim/math.h (Adam/AdamW/AMSGrad, SGD momentum/Nesterov)
 //     on Vectorized<float>.
@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "optim/math.h"
-#include "rnn/cpu_step.h"
+#include "rnn/isa/cpu_step.h"
 
 namespace {
 

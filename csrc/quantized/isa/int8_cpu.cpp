@@ -31,7 +31,7 @@
 #include "cpu_isa.h"
 #include "quantized/int8_cpu.h"
 #include "quantized/qgemm.h"
-#include "rnn/step_barrier.h"
+#include "rnn/isa/step_barrier.h"
 
 namespace fastnn {
 namespace quantized {
@@ -39,6 +39,12 @@ FASTNN_ISA_BEGIN
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+// The recurrent family's task count and step barrier, in this variant's copy.
+#ifdef FASTNN_ISA
+namespace rcpu = ::fastnn::rnn::FASTNN_ISA_NS::cpu;
+#else
+namespace rcpu = ::fastnn::rnn::cpu;
+#endif
 constexpr float kQmax = 127.f;
 constexpr int64_t kTileN = 64;  // output columns per parallel task of a Linear
 
@@ -292,7 +298,7 @@ void recurrence_of(const RecurrenceArgs& a) {
 
   // Tasks own blocks of Vec::size() hidden units (whole vectors for the gate math) and rows of the
   // batch to quantize; small problems run on one task (cpu::packed_tasks).
-  const int64_t threads = rnn::cpu::packed_tasks(B * G * H, at::get_num_threads(), rnn::cpu::available_cores());
+  const int64_t threads = rcpu::packed_tasks(B * G * H, at::get_num_threads(), rcpu::available_cores());
   const int64_t nb = (H + Vec::size() - 1) / Vec::size();
   const int64_t unit_grain = (nb + threads - 1) / threads;
   const int64_t row_grain = (B + threads - 1) / threads;
@@ -338,8 +344,8 @@ void recurrence_of(const RecurrenceArgs& a) {
       quantize(0, 1, step);
       update(0, 1, step);
     }
-  } else if (rnn::cpu::kTasksRunConcurrently) {
-    rnn::cpu::StepBarrier barrier(threads);
+  } else if (rcpu::kTasksRunConcurrently) {
+    rcpu::StepBarrier barrier(threads);
     at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) {
       for (int64_t step = 0; step < T; ++step) {
         quantize(v0, v1, step);

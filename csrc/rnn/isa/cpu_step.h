@@ -2,7 +2,10 @@
 // their gradients) for a range of hidden units of one batch row, vectorised with at::vec. The math
 // is cell_math.h's. Used by the step-by-step path (step_cpu.cpp: one parallel region per step, after
 // the recurrent GEMM) and by the packed whole-sequence path (packed_cpu.cpp: each block of hidden
-// units right after its own recurrent products).
+// units right after its own recurrent products). Compiled once per instruction-set variant, inside
+// that variant's namespace (cpu_isa.h: FASTNN_ISA_BEGIN). Width: VecIO's kWidth is
+// Vectorized<T>::size() (8 floats in the default and avx2 variants, 16 in avx512, 4 with NEON);
+// nothing here assumes a value, every loop runs whole vectors and then a scalar tail.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -11,11 +14,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu_isa.h"
 #include "rnn/cell_math.h"
 #include "rnn/rnn.h"
 
 namespace fastnn {
 namespace rnn {
+FASTNN_ISA_BEGIN
 namespace cpu {
 
 using at::vec::Vectorized;
@@ -193,7 +198,13 @@ inline void backward_row(const BwdStep<T>& s, int64_t b) {
   for (; j < s.H; ++j) backward_cols<T, ScalarIO<T>>(s, b, j);
 }
 
+// The step-by-step path's kernels (step_cpu.cpp).
+template <typename T>
+void step_forward(const FwdStep<T>& s);
+template <typename T>
+void step_backward(const BwdStep<T>& s);
 
 }  // namespace cpu
+FASTNN_ISA_END
 }  // namespace rnn
 }  // namespace fastnn

@@ -3,23 +3,31 @@
 // its own gates' recurrent products from a packed copy of W_hh (batch 1: W_hh in place, with dot
 // products) and then their pointwise step (cpu_step.h). The tasks meet at a barrier after every
 // step (step_barrier.h). Also the matrix-vector product of a streaming step's input projection.
+// Compiled once per instruction-set variant, in its namespace (cpu_isa.h); this file also holds the
+// variant's table of CPU kernels (rnn.h, CpuKernels).
+//
+// Vector width: a block is one Vectorized<float> of hidden units, kBlock = its size(): 8 in the
+// default and avx2 variants, 16 in avx512, 4 with NEON. Every loop, buffer and layout below is
+// written in kBlock; sum_each has an AVX2 form for kBlock == 8 and a generic one otherwise.
 #include <ATen/Parallel.h>
 
 #include <vector>
 
-#include "rnn/cpu_step.h"
+#include "rnn/isa/cpu_step.h"
 #include "rnn/rnn.h"
-#include "rnn/step_barrier.h"
+#include "rnn/isa/step_barrier.h"
 
 namespace fastnn {
 namespace rnn {
+FASTNN_ISA_BEGIN
 
 using at::vec::Vectorized;
 using cpu::forward_block;
 
 namespace {
 
-// Hidden units per block: one vector of floats (8 with AVX2 and in portable builds, 4 with NEON).
+// Hidden units per block: one vector of floats (8 in the default and avx2 variants, 16 in avx512,
+// 4 with NEON).
 constexpr int64_t kBlock = Vectorized<float>::size();
 
 // W_hh [G, K] -> per block of kBlock hidden units, for each k, the NG gates' kBlock weights side by side:
@@ -88,8 +96,8 @@ inline void block_products(const float* wp, const float* hin, int64_t K, int64_t
 }
 
 // All batch rows of one block over features [k0, k1), NGP gates at a time with R rows: R x NGP
-// accumulators, NGP weight vectors and a broadcast fit the 16 vector registers with enough
-// independent FMA chains to hide their latency (LSTM: two passes of 2 gates x 4 rows; GRU: 3 x 3).
+// accumulators, NGP weight vectors and a broadcast fit AVX2's 16 vector registers (AVX-512 has
+// 32) with enough independent FMA chains to hide their latency (LSTM: two passes of 2 gates x 4 rows; GRU: 3 x 3).
 template <int NG>
 void block_all_rows(const float* w, const float* hin, int64_t K, int64_t k0, int64_t k1, int64_t B, int64_t H,
                     int64_t j0, int64_t width, float* gh) {
@@ -106,14 +114,23 @@ void block_all_rows(const float* w, const float* hin, int64_t K, int64_t k0, int
   if (b < B) block_products<NG, NG, 1>(w, hin, K, k0, k1, b, H, j0, width, gh, acc, 0);
 }
 
-// The kBlock horizontal sums of a[0..kBlock) as one vector.
+// The kBlock horizontal sums of a[0..kBlock) as one vector. The AVX2 form is written for 8 lanes
+// (only the avx2 variant defines CPU_CAPABILITY_AVX2); the AVX-512 form sums each vector, whatever
+// its width; the generic form serves any width.
 inline Vectorized<float> sum_each(Vectorized<float> (&a)[kBlock]) {
 #if defined(CPU_CAPABILITY_AVX2)
+  static_assert(kBlock == 8, "the AVX2 horizontal sums are written for 8 lanes");
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
   const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
   // lanes: low half [0 1 2 3 | ...] of each 128-bit lane; add the two lanes
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+#elif defined(CPU_CAPABILITY_AVX512)
+  // one horizontal sum per vector (16 of them): the generic form's store and 256 scalar adds
+  // would cost as much as the dot products themselves
+  float out[kBlock];
+  for (int r = 0; r < kBlock; ++r) out[r] = _mm512_reduce_add_ps(a[r]);
+  return Vectorized<float>::loadu(out);
 #else
   float out[kBlock];
   for (int r = 0; r < kBlock; ++r) {
@@ -128,8 +145,9 @@ inline Vectorized<float> sum_each(Vectorized<float> (&a)[kBlock]) {
 
 // y[r] = w[r, :] . x for the `rows` (at most kBlock) rows of K starting at w: batch 1's recurrent
 // product on W_hh in its own row-major layout (nothing repacked), and a streaming step's input
-// projection. Eight rows at a time: eight independent FMA chains, one load of x per eight weight
-// loads, one vector of eight sums at the end.
+// projection. kBlock rows at a time: kBlock independent FMA chains, one load of x per kBlock weight
+// loads, one vector of kBlock sums at the end (kBlock accumulators: 8 of AVX2's 16 registers, 16
+// of AVX-512's 32).
 inline void dot_rows(const float* w, int64_t K, int64_t rows, const float* x, float* y) {
   using V = Vectorized<float>;
   const float* row[kBlock];
@@ -161,7 +179,8 @@ void block_dots(const float* w_hh, const float* hin, int64_t K, int64_t H, int64
   for (int g = 0; g < NG; ++g) dot_rows(w_hh + (g * H + j0) * K, K, width, hin, gh + g * H + j0);
 }
 
-// an LSTM) stay in L1 while every batch row uses them.
+// Features per pass over the batch: a block's weights for them (kChunkK * NG * kBlock floats, 8 KB
+// for an LSTM with 8 lanes, 16 KB with 16) stay in L1 while every batch row uses them.
 constexpr int64_t kChunkK = 64;
 
 template <int NG>
@@ -237,9 +256,7 @@ void packed_forward(const PackedForward& f) {
   std::copy(hbuf.begin() + cur * B * H, hbuf.begin() + (cur + 1) * B * H, f.h);
 }
 
-}  // namespace
-
-void matvec_cpu(const float* w, int64_t R, int64_t K, const float* x, float* y) {
+void matvec(const float* w, int64_t R, int64_t K, const float* x, float* y) {
   const int64_t nb = (R + kBlock - 1) / kBlock;
   // a task reads at least 256 KB of weights: less is not worth waking a thread
   const int64_t grain = std::max<int64_t>(1, (int64_t)65536 / (kBlock * std::max<int64_t>(K, 1)));
@@ -248,7 +265,7 @@ void matvec_cpu(const float* w, int64_t R, int64_t K, const float* x, float* y) 
   });
 }
 
-void packed_forward_cpu(const PackedForward& f) {
+void packed_forward_any(const PackedForward& f) {
   switch (f.cell) {
     case Cell::LSTM: return packed_forward<4>(f);
     case Cell::GRU: return packed_forward<3>(f);
@@ -256,5 +273,14 @@ void packed_forward_cpu(const PackedForward& f) {
   }
 }
 
+const CpuKernels kKernels{packed_forward_any,        matvec,
+                          cpu::step_forward<float>,  cpu::step_forward<double>,
+                          cpu::step_backward<float>, cpu::step_backward<double>};
+
+}  // namespace
+
+const CpuKernels& cpu_kernels() { return kKernels; }
+
+FASTNN_ISA_END
 }  // namespace rnn
 }  // namespace fastnn

@@ -1,5 +1,6 @@
 // Synchronisation of the packed CPU recurrence (packed_cpu.cpp): how many tasks it runs, and the
-// barrier they meet at after every step.
+// barrier they meet at after every step. Compiled into each instruction-set variant's namespace
+// (cpu_isa.h), as everything the isa/ sources define.
 #pragma once
 
 #include <ATen/Config.h>
@@ -20,8 +21,11 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
+
 namespace fastnn {
 namespace rnn {
+FASTNN_ISA_BEGIN
 namespace cpu {
 
 // Whole cores of the cgroup (v2) CPU quota, or 0 without one: containers limit CPU time this way
@@ -109,7 +113,7 @@ class StepBarrier {
   std::condition_variable opened_;
 };
 
-// Features per pass over the batch: a block's weights for them (kChunkK * NG * 8 floats, 8 KB for
 }  // namespace cpu
+FASTNN_ISA_END
 }  // namespace rnn
 }  // namespace fastnn

@@ -1,6 +1,13 @@
 // CPU kernels of the optimizer steps: every parameter of the call is cut into chunks, and one
 // at::parallel_for runs over all chunks of all tensors (not one parallel region per tensor),
 // each chunk vectorised with at::vec and computed in opmath (float for bf16/fp16/fp32).
+// Compiled once per instruction-set variant, in its namespace (cpu_isa.h); cpu_dispatch.cpp calls
+// the active one through this file's table (optim.h, CpuKernels).
+//
+// Vector width: Lanes<T>::kWidth is one Vectorized<T> of elements (for bf16/fp16 one reduced vector,
+// which converts to two float vectors: convert_to_float's halves), so 8 or 16 floats, 16 or 32
+// bf16 in the default/avx2 and avx512 variants; the loops run whole vectors, then a scalar tail,
+// and grad_norm's lane sums read V::size() lanes. No width is written down.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -9,11 +16,13 @@
 #include <cmath>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "optim/math.h"
 #include "optim/optim.h"
 
 namespace fastnn {
 namespace optim {
+FASTNN_ISA_BEGIN
 namespace {
 
 using at::vec::Vectorized;
@@ -247,17 +256,14 @@ void step_contiguous(Kind kind, std::vector<Slot>& slots, const std::vector<Grou
   }
 }
 
-}  // namespace
-
-void step_cpu(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
+void step(Kind kind, std::vector<Slot>& slots, const std::vector<Group>& groups,
               const Scaling& scaling) {
   with_contiguous(slots, scaling.grad_scale.defined(),
                   [&](std::vector<Slot>& dense) { step_contiguous(kind, dense, groups, scaling); });
 }
 
-std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& grads,
-                                                 double max_norm, double norm_type,
-                                                 const at::Tensor& grad_scale) {
+std::tuple<at::Tensor, at::Tensor> grad_norm(const std::vector<at::Tensor>& grads, double max_norm,
+                                             double norm_type, const at::Tensor& grad_scale) {
   const bool inf_norm = std::isinf(norm_type);
   std::vector<Slot> slots(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) slots[i].param = grads[i].contiguous();
@@ -309,5 +315,12 @@ std::tuple<at::Tensor, at::Tensor> grad_norm_cpu(const std::vector<at::Tensor>& 
   return {at::scalar_tensor(total, opts), at::scalar_tensor(coef, opts)};
 }
 
+const CpuKernels kKernels{step, grad_norm};
+
+}  // namespace
+
+const CpuKernels& cpu_kernels() { return kKernels; }
+
+FASTNN_ISA_END
 }  // namespace optim
 }  // namespace fastnn
