@@ -138,15 +138,16 @@ def package(model: torch.nn.Module, example_inputs: tuple, path: str | os.PathLi
     return torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path), inductor_configs=options)
 
 
-def _read_zip(path: str) -> dict[str, str]:
-    """The metadata stored in the package at ``path``; checks every member's CRC first."""
+def _read_zip(path: str, caller: str) -> dict[str, str]:
+    """The metadata stored in the package at ``path``; checks every member's CRC first. ``caller``
+    is the public function the user called (its name starts every error message)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"fastnn.aoti.load: no package file at '{path}'")
+        raise FileNotFoundError(f"fastnn.aoti.{caller}: no package file at '{path}'")
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
             if bad is not None:
-                raise PackageError(f"fastnn.aoti.load: '{path}' is corrupted (member '{bad}' fails its checksum)")
+                raise PackageError(f"fastnn.aoti.{caller}: '{path}' is corrupted (member '{bad}' fails its checksum)")
             found: dict[str, str] = {}
             for name in z.namelist():
                 # torch writes the aot_inductor.metadata entries into the compiled model's
@@ -157,7 +158,7 @@ def _read_zip(path: str) -> dict[str, str]:
     except PackageError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
-        raise PackageError(f"fastnn.aoti.load: '{path}' is not a readable AOTInductor package (truncated or "
+        raise PackageError(f"fastnn.aoti.{caller}: '{path}' is not a readable AOTInductor package (truncated or "
                            f"corrupted?): {exc}") from exc
 
 
@@ -165,7 +166,7 @@ def metadata(path: str | os.PathLike) -> dict[str, str]:
     """What the package at ``path`` records: fastnn's keys (``fastnn.version``, ``fastnn.torch``,
     ``fastnn.int8_cpu_isa``) and torch's (``AOTI_CPU_ISA``, ``AOTI_MACHINE``, ...). Reads the file
     only (nothing is loaded); raises :class:`PackageError` for a truncated or corrupted file."""
-    return _read_zip(os.fspath(path))
+    return _read_zip(os.fspath(path), "metadata")
 
 
 def _check(path: str, meta: dict[str, str]) -> None:
@@ -204,7 +205,7 @@ def load(path: str | os.PathLike):
     an input of the wrong shape, dtype or strides raises instead of being read out of bounds.
     """
     path = os.fspath(path)
-    meta = _read_zip(path)
+    meta = _read_zip(path, "load")
     _check(path, meta)
     if _extension.load() is None:
         raise PackageError(f"fastnn.aoti.load: fastnn's compiled library is not available ({_extension.error()}); "

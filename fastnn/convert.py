@@ -59,6 +59,11 @@ class ConversionReport(list):
     def left_alone(self) -> list[Entry]:
         return [e for e in self if e.action == "left alone"]
 
+    @property
+    def already_fastnn(self) -> list[Entry]:
+        """The modules that were fastnn's before the call (a model converted twice): not swapped."""
+        return [e for e in self if e.action == "fastnn"]
+
     def __str__(self) -> str:
         if not self:
             return "fastnn.convert: nothing to convert or revert"
@@ -68,8 +73,11 @@ class ConversionReport(list):
             what = f"{e.before} -> {e.after} ({e.conversion})" if e.after else e.before
             if e.reason:
                 what += f": {e.reason}"
-            lines.append(f"  {e.action:<10}  {e.path:<{width}}  {what}")
+            action = "already fastnn" if e.action == "fastnn" else e.action
+            lines.append(f"  {action:<14}  {e.path:<{width}}  {what}")
         head = f"fastnn: {len(self.swapped)} module(s) swapped, {len(self.left_alone)} left alone"
+        if self.already_fastnn:
+            head += f", {len(self.already_fastnn)} already fastnn's (not swapped again)"
         return "\n".join([head] + lines)
 
 

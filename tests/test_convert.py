@@ -111,6 +111,18 @@ def test_report_names_swapped_and_left_alone(capsys):
     assert "reverted" in capsys.readouterr().out
 
 
+def test_report_of_a_converted_model_counts_nothing_as_swapped(capsys):
+    """Converting twice: the second report says the layers were fastnn's already, swaps none."""
+    model = fastnn.convert(nn.Sequential(_lstm(), nn.Linear(8, 2), nn.GRU(2, 2)))
+    before = list(model)
+    assert fastnn.convert(model, report=True) is model and list(model) == before
+    printed = capsys.readouterr().out
+    assert printed.startswith("fastnn: 0 module(s) swapped, 0 left alone, 2 already fastnn's"), printed
+    assert "converted" not in printed and printed.count("already fastnn ") == 2, printed
+    out = fastnn.convert.report(model)
+    assert out.swapped == [] and [e.path for e in out.already_fastnn] == ["0", "2"]
+
+
 def test_nothing_to_report_is_quiet():
     model = nn.Sequential(nn.Linear(2, 2))
     with warnings.catch_warnings():

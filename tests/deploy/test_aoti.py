@@ -223,6 +223,26 @@ def test_missing_file_is_named(tmp_path):
         fastnn.aoti.load(tmp_path / "nope.pt2")
 
 
+@pytest.mark.parametrize("name", ["load", "metadata"])
+def test_file_errors_name_the_function_called(tmp_path, name):
+    """metadata and load share the file checks; each error names the function the user called."""
+    call = getattr(fastnn.aoti, name)
+    with pytest.raises(FileNotFoundError, match=rf"^fastnn\.aoti\.{name}: no package file"):
+        call(tmp_path / "nope.pt2")
+    not_zip = tmp_path / "not_zip.pt2"
+    not_zip.write_bytes(b"PK\x03\x04 not a whole zip file")
+    with pytest.raises(fastnn.aoti.PackageError, match=rf"^fastnn\.aoti\.{name}: .*truncated or corrupted"):
+        call(not_zip)
+    crc = tmp_path / "crc.pt2"
+    with zipfile.ZipFile(crc, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("m/data/aotinductor/model/x.wrapper_metadata.json", json.dumps({"k": "v" * 64}))
+    raw = bytearray(crc.read_bytes())
+    raw[raw.index(b"vvvv")] ^= 0xFF
+    crc.write_bytes(bytes(raw))
+    with pytest.raises(fastnn.aoti.PackageError, match=rf"^fastnn\.aoti\.{name}: .*checksum"):
+        call(crc)
+
+
 def test_import_fastnn_does_not_import_inductor():
     proc = run_isolated("import sys, torch, fastnn\n"
                         "print('torch._inductor' in sys.modules, 'fastnn.aoti' in sys.modules)\n"

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from tests.examples._examples import load_example
+from ._examples import load_example
 
 pytestmark = [
     pytest.mark.slow,  # one AOTInductor compile and two ONNX exports

@@ -2,27 +2,19 @@
 
 import importlib.util
 import math
-import os
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+from ._examples import load_example
 
 needs = pytest.mark.skipif(importlib.util.find_spec("statsmodels") is None or importlib.util.find_spec("sklearn") is None,
                            reason="the examples need statsmodels (data) and scikit-learn (metrics); "
                                   "scripts/env.sh installs them")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @needs
 def test_forecast_example_beats_naive_on_co2(capsys):
-    res = _load("forecast").main(["--quick", "--quantize"])
+    res = load_example("forecast").main(["--quick", "--quantize"])
     assert all(math.isfinite(v) for v in res.values())
     # int8 dynamic: the CO2 RMSE within 2% (relative) of fp32, the weights in about a quarter of the bytes
     assert abs(res["int8_rmse"] - res["co2_rmse"]) <= 0.02 * res["co2_rmse"], res
@@ -36,7 +28,7 @@ def test_forecast_example_beats_naive_on_co2(capsys):
 
 @needs
 def test_autoencoder_example_flags_anomalies(capsys):
-    res = _load("lstm_autoencoder").main(["--quick", "--quantize"])
+    res = load_example("lstm_autoencoder").main(["--quick", "--quantize"])
     # int8 dynamic flags the same windows: F1 within 0.02 of fp32's
     assert abs(res["int8_f1"] - res["f1"]) <= 0.02, res
     assert "fp32 against int8 dynamic" in capsys.readouterr().out

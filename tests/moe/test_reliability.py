@@ -7,6 +7,7 @@ import textwrap
 import pytest
 import torch
 
+import fastnn
 from fastnn import backends, ops, testing
 from fastnn.ops import moe as moe_ops
 from fastnn.reference import moe as ref
@@ -93,6 +94,41 @@ def test_duplicated_slot_backward_does_not_crash():
                   for fn in (lambda: ops.unpermute_tokens(y, pos, r.weights),
                              lambda: ops.permute_tokens(y[:6], slots, 2))]
     """, 4)
+
+
+def _weights_from_ids(logits, ids, score_func, renormalize, scale):
+    """The gating weights as a function of the logits for fixed expert ids, duplicates and -1
+    (dropped) included: w_j = scale * a[e_j] / sum_j a[e_j] over the kept slots j."""
+    kept = ids >= 0
+    if score_func == "topk_softmax":
+        chosen = logits.gather(1, ids.clamp(min=0)).masked_fill(~kept, float("-inf"))
+        return scale * torch.where(kept, torch.softmax(chosen, dim=-1), 0.0)
+    a = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    s = torch.where(kept, a.gather(1, ids.clamp(min=0)), 0.0)
+    return scale * (s / s.sum(dim=-1, keepdim=True) if renormalize else s)
+
+
+@pytest.mark.parametrize("score_func,renormalize", [("softmax", True), ("softmax", False), ("sigmoid", True),
+                                                    ("sigmoid", False), ("topk_softmax", True)])
+def test_gating_backward_with_duplicate_expert_ids_is_the_exact_gradient(score_func, renormalize):
+    """topk_gating never routes a token to one expert twice, but its public backward op takes any
+    ids: a duplicated id is a slot like any other, and every implementation (the compiled CPU op,
+    the composition the CUDA and Triton ops run, the reference) gives autograd's gradient."""
+    from fastnn.ops.moe._library import _gating_backward_cuda
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, dtype=torch.float64)
+    ids = torch.tensor([[1, 1, 3], [0, 2, 2], [4, 4, 4], [2, -1, 2]])
+    g = torch.randn(4, 3, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    (want,) = torch.autograd.grad(_weights_from_ids(x, ids, score_func, renormalize, 1.5), x, g)
+    args = (g, logits, ids, score_func, renormalize, 1.5)
+    got = {"reference": ref.topk_gating_backward(*args), "cuda composition": _gating_backward_cuda(*args)}
+    if fastnn.build_info()["extension"]:
+        fastnn._extension.load()
+        got["cpu"] = torch.ops.fastnn.topk_gating_backward(*args)
+    for name, grad in got.items():
+        testing.assert_close(grad, want, msg=name)
 
 
 def test_compiled_backward_ops_check_their_indices():

@@ -433,3 +433,26 @@ def test_cuda_model_or_input_says_there_is_no_gpu_path():
         q[0](torch.randn(2, 4))
     with pytest.raises(NotImplementedError, match="no GPU path"):
         q[1](torch.randn(5, 2, 4, device="cuda"))
+
+
+def test_inf_input_saturates_lstm_gates_except_where_a_weight_quantizes_to_zero():
+    """What the README says of inf inputs: one inf feature drives every gate whose (dequantized)
+    weight on it is nonzero to the float LSTM's saturated value, so the step's output matches the
+    float LSTM's; a weight that quantizes to 0 gives inf * 0 = NaN where the float LSTM saturates."""
+    needs_cpu_kernels()
+    torch.manual_seed(0)
+    m = nn.LSTM(4, 3, batch_first=True)
+    x = torch.randn(1, 3, 4)
+    x[0, 1, 2] = float("inf")
+    with torch.no_grad():
+        want, _ = m(x)
+        got, _ = quantize_dynamic(m)(x)
+        assert torch.isfinite(want).all() and torch.isfinite(got).all()
+        assert (got - want).abs().max() < 0.01  # outputs ~0.1: int8 rounding, not a wrong step
+        assert torch.equal(got[0, 1] == 0, want[0, 1] == 0)  # the saturated units are the same
+        m.weight_ih_l0[3, 2] = 1e-4 * m.weight_ih_l0[3].abs().max()  # forget gate of unit 0: rounds to 0
+        want, _ = m(x)
+        got, _ = quantize_dynamic(m)(x)
+    assert torch.isfinite(want).all()
+    assert torch.isnan(got[0, 1, 0]) and torch.isfinite(got[0, 1, 1:]).all()
+    assert torch.isnan(got[0, 2]).all()  # through W_hh, every unit at the next step
