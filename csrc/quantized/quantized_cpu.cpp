@@ -63,8 +63,11 @@ Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at
                          lengths->device().is_cpu(),
                      "lengths", "an int64 CPU tensor of shape [" + std::to_string(B) + "]", describe(*lengths));
     s.lengths = lengths->contiguous();
+    const int64_t* len = s.lengths.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      FASTNN_CHECK_ARG(len[b] >= 0 && len[b] <= T, "lengths", "values in [0, " + std::to_string(T) + "]",
+                       "lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]));
   }
-  (void)T;
   return s;
 }
 

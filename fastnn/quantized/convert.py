@@ -33,51 +33,79 @@ def _moe_mapping() -> dict[type, type]:
     return {cls: MoE for cls in (FloatMoE, *HuggingFaceMoE.__subclasses__())}
 
 
-def _spec(qconfig_spec: Any, mapping: dict) -> tuple[set, set]:
-    """(types, names) selected by ``qconfig_spec``: a set/list of types and/or submodule names, or a
-    dict whose keys are those (a None value leaves that key out)."""
+def _spec(qconfig_spec: Any, mapping: dict) -> tuple[dict, dict]:
+    """({type: selected}, {submodule name: selected}) from ``qconfig_spec``: a set/list of types
+    and/or submodule names (each selects), or a dict whose keys are those (a value other than None
+    selects; None deselects, as a None qconfig does in torch)."""
     if qconfig_spec is None:
-        return set(mapping), set()
+        return {t: True for t in mapping}, {}
     if isinstance(qconfig_spec, dict):
-        keys = [k for k, v in qconfig_spec.items() if v is not None]
+        items = [(k, v is not None) for k, v in qconfig_spec.items()]
+        for k, v in qconfig_spec.items():
+            _refuse_float16(v)
     elif isinstance(qconfig_spec, (set, frozenset, list, tuple)):
-        keys = list(qconfig_spec)
+        items = [(k, True) for k in qconfig_spec]
     else:
         raise TypeError("fastnn: argument 'quantize_dynamic: qconfig_spec': expected None, a set of module types "
                         f"and/or submodule names, or a dict of them, got {type(qconfig_spec).__name__}")
-    types, names = set(), set()
-    for k in keys:
+    types, names = {}, {}
+    for k, selected in items:
         if isinstance(k, type):
-            types.add(k)
+            types[k] = selected
         elif isinstance(k, str):
-            names.add(k)
+            names[k] = selected
         else:
             raise TypeError("fastnn: argument 'quantize_dynamic: qconfig_spec': expected module types or submodule "
                             f"names as keys, got {k!r}")
     return types, names
 
 
-def _named(name: str, names: set) -> bool:
-    return any(name == n or name.startswith(n + ".") or n == "" for n in names)
+_FLOAT16_UNSUPPORTED = ("float16 weight-only quantization is not supported yet; weight_only=True keeps int8 weights "
+                        "with fp32 activations")
+
+
+def _refuse_float16(qconfig: Any) -> None:
+    """A float16 qconfig (torch.ao.quantization.float16_dynamic_qconfig) asks for fp16 weights, which
+    fastnn does not make: refuse it as dtype=torch.float16 is refused, rather than giving int8."""
+    weight = getattr(qconfig, "weight", None)
+    try:
+        dtype = weight().dtype if callable(weight) else None
+    except Exception:  # a qconfig whose observer cannot be built without arguments: not float16's
+        dtype = None
+    if dtype == torch.float16:
+        raise NotImplementedError(f"fastnn: argument 'quantize_dynamic: qconfig_spec': {_FLOAT16_UNSUPPORTED}; got a "
+                                  "float16 qconfig")
+
+
+def _replace(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
+    """``parent.name = new``, keeping ``old``'s forward hooks and pre-hooks (as torch's swap does)."""
+    if new is not old:
+        for hook in old._forward_pre_hooks.values():
+            new.register_forward_pre_hook(hook)
+        for hook in old._forward_hooks.values():
+            new.register_forward_hook(hook)
+    if parent is not None:
+        setattr(parent, name, new)
 
 
 def _swap(model: nn.Module, pick, make) -> tuple[nn.Module, int]:
-    """Replace every module ``pick(name, mod)`` selects by ``make(mod)``, not descending into them."""
-    if pick("", model):
-        return make(model), 1
+    """Replace every module that ``pick(name, mod, inherited)`` selects by ``make(mod)``, not
+    descending into those. ``pick`` returns (replace?, what the module's children inherit)."""
     count = 0
 
-    def walk(parent: nn.Module, prefix: str) -> None:
+    def visit(parent: Optional[nn.Module], name: str, full: str, mod: nn.Module, inherited: Any) -> nn.Module:
         nonlocal count
-        for child_name, child in list(parent.named_children()):
-            full = prefix + child_name
-            if pick(full, child):
-                setattr(parent, child_name, make(child))
-                count += 1
-            else:
-                walk(child, full + ".")
+        replace, passed = pick(full, mod, inherited)
+        if replace:
+            new = make(mod)
+            _replace(parent, name, mod, new)
+            count += 1
+            return new
+        for child_name, child in list(mod.named_children()):
+            visit(mod, child_name, (full + "." if full else "") + child_name, child, passed)
+        return mod
 
-    walk(model, "")
+    model = visit(None, "", "", model, False)
     return model, count
 
 
@@ -89,9 +117,10 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
 
     ``qconfig_spec``: None (every type in the mapping: nn.Linear, nn.LSTM, nn.GRU, nn.RNN, the three
     cells, their fastnn.nn counterparts and fastnn.MoE, including the Hugging Face MoE blocks that
-    fastnn.convert converted: their experts), a set of module types and/or submodule names, or a dict with those keys (values other
-    than None select; the qconfig itself is not read: the scheme is fastnn's, see
-    fastnn.reference.quantized). ``dtype``: torch.qint8 only (float16 weights are not supported yet).
+    fastnn.convert converted: their experts), a set of module types and/or submodule names, or a dict with those keys:
+    as in torch, a module takes its name's entry, else its type's, else its parent's, and a None
+    value deselects (the qconfig itself is not read, the scheme is fastnn's, see
+    fastnn.reference.quantized; a float16 qconfig is refused as dtype=torch.float16 is). ``dtype``: torch.qint8 only (float16 weights are not supported yet).
     ``mapping`` extends/overrides :func:`default_mapping`. ``inplace=False`` quantizes a deep copy.
     ``weight_only=True`` keeps activations in fp32 (int8 weights dequantized in the kernel).
 
@@ -99,9 +128,8 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
     cover yet (LSTM ``proj_size``, fastnn ``layer_norm``) raise NotImplementedError naming them.
     """
     if dtype == torch.float16:
-        raise NotImplementedError("fastnn: argument 'quantize_dynamic: dtype': expected torch.qint8 (float16 "
-                                  "weight-only quantization is not supported yet; weight_only=True keeps int8 "
-                                  "weights with fp32 activations), got torch.float16")
+        raise NotImplementedError(f"fastnn: argument 'quantize_dynamic: dtype': expected torch.qint8 "
+                                  f"({_FLOAT16_UNSUPPORTED}), got torch.float16")
     if dtype != torch.qint8:
         raise ValueError(f"fastnn: argument 'quantize_dynamic: dtype': expected torch.qint8, got {dtype}")
     if not isinstance(model, nn.Module):
@@ -112,8 +140,11 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
     if not inplace:
         model = copy.deepcopy(model)
 
-    def pick(name: str, mod: nn.Module) -> bool:
-        return type(mod) in table and (type(mod) in types or _named(name, names))
+    def pick(name: str, mod: nn.Module, inherited: bool) -> tuple[bool, bool]:
+        # torch's rule: a module takes its type's entry, else its parent's; its own name's entry,
+        # None included, overrides both; its children inherit the result.
+        selected = names.get(name, types.get(type(mod), inherited))
+        return type(mod) in table and selected, selected
 
     def make(mod: nn.Module) -> nn.Module:
         q = table[type(mod)].from_float(mod, weight_only=weight_only)
@@ -132,5 +163,5 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     from .moe import MoE
     quantized = (Linear, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell, MoE)
-    model, _ = _swap(model, lambda name, mod: isinstance(mod, quantized), lambda mod: mod.to_float())
+    model, _ = _swap(model, lambda name, mod, _: (isinstance(mod, quantized), False), lambda mod: mod.to_float())
     return model

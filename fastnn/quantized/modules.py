@@ -115,7 +115,7 @@ class _Quantized(nn.Module):
                 setattr(self, name.replace("weight", "bias"), b.detach().float().clone())
 
     def _dequantize_into(self, m: nn.Module) -> nn.Module:
-        m = m.to(self._float_dtype)
+        m = m.to(self._float_dtype).train(self.training)  # an eval model stays in eval: no dropout
         with torch.no_grad():
             for name in self._weights:
                 getattr(m, name).copy_(self._dequantized(name))
@@ -400,6 +400,12 @@ class _CellBase(_Recurrent):
             zeros = x.new_zeros((x.shape[0], self.hidden_size))
             states = [zeros] * n_states
         else:
+            if n_states == 2 and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError(f"{name}: hx must be a tuple of two tensors (h_0, c_0), got "
+                                f"{len(hx) if isinstance(hx, (tuple, list)) else type(hx).__name__}"
+                                f"{' tensors' if isinstance(hx, (tuple, list)) else ''}")
+            if n_states == 1 and not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a tensor, got {type(hx).__name__}")
             states = list(hx) if n_states == 2 else [hx]
             states = [_to_fp32(s) for s in (states if batched else [s.unsqueeze(0) for s in states])]
         res = self._layer(x.unsqueeze(0), states, "", None, False)[1:]

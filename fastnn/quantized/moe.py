@@ -27,7 +27,7 @@ from torch import nn
 from ..nn import moe as fmoe
 from ..ops import quantized as qops
 from ..reference.quantized import quantize_weight
-from .modules import Linear, _Quantized
+from .modules import Linear, _Quantized, _back, _to_fp32
 
 __all__ = ["MoE", "Experts"]
 
@@ -136,6 +136,7 @@ class MoE(_Quantized):
     def from_float(cls, mod: fmoe.MoE, weight_only: bool = False) -> "MoE":
         cfg = _config(mod)
         q = cls(**cfg, weight_only=weight_only)
+        q._float_dtype = mod.experts.gate_up_proj.dtype  # what fastnn.dequantize gives back
         # The router module itself (a copy): a converted Hugging Face block's router is also an
         # instance of the block's router class, whose output-capture hooks keep working.
         q.gate = _frozen(copy.deepcopy(mod.gate)).float()
@@ -163,7 +164,20 @@ class MoE(_Quantized):
             m.shared_expert_gate = copy.deepcopy(self.shared_expert_gate).requires_grad_(True)
         if self.e_score_correction_bias is not None:
             m.e_score_correction_bias = self.e_score_correction_bias.clone()
-        return m.train(self.training)
+        return m.to(getattr(self, "_float_dtype", torch.float32)).train(self.training)
+
+    def _apply(self, fn, recurse=True):
+        # .double() / .half() / .to(dtype) would convert the fp32 router and correction bias, which
+        # routing reads in fp32 (the experts' scales stay fp32 through _Quantized); device moves apply.
+        super()._apply(fn, recurse)
+        for router in (self.gate, self.shared_expert_gate):
+            if router is not None and any(p.is_floating_point() and p.dtype != torch.float32
+                                          for p in router.parameters()):
+                router.float()
+        b = self.e_score_correction_bias
+        if b is not None and b.dtype != torch.float32:
+            self.e_score_correction_bias = b.float()
+        return self
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.routing.items())
@@ -173,16 +187,18 @@ class MoE(_Quantized):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if not isinstance(hidden_states, Tensor) or hidden_states.dim() < 1 or \
-                hidden_states.shape[-1] != self.hidden_size or hidden_states.dtype != torch.float32:
+                hidden_states.shape[-1] != self.hidden_size or not hidden_states.is_floating_point():
             got = f"tensor of shape {list(hidden_states.shape)}, dtype {hidden_states.dtype}" \
                 if isinstance(hidden_states, Tensor) else type(hidden_states).__name__
-            raise ValueError(f"fastnn.quantized.MoE: argument 'hidden_states': expected a float32 tensor of shape "
-                             f"[..., {self.hidden_size}], got {got}")
-        x = hidden_states.reshape(-1, self.hidden_size)
+            raise ValueError(f"fastnn.quantized.MoE: argument 'hidden_states': expected a floating-point tensor of "
+                             f"shape [..., {self.hidden_size}], got {got}")
+        # fp32 arithmetic whatever the input's dtype; the output comes back in it, as the other
+        # quantized modules do
+        x = _to_fp32(hidden_states).reshape(-1, self.hidden_size)
         logits, gating = self.route(x)
         out = self.experts(x, gating, self.top_k)
         if self.shared_expert is not None:
             scale = torch.sigmoid(self.shared_expert_gate(x)) if self.shared_expert_gate is not None else 1.0
             out = out + scale * self.shared_expert(x)
         self._record(logits, gating)
-        return out.reshape(hidden_states.shape)
+        return _back(out.reshape(hidden_states.shape), hidden_states.dtype)

@@ -456,3 +456,70 @@ def test_inf_input_saturates_lstm_gates_except_where_a_weight_quantizes_to_zero(
     assert torch.isfinite(want).all()
     assert torch.isnan(got[0, 1, 0]) and torch.isfinite(got[0, 1, 1:]).all()
     assert torch.isnan(got[0, 2]).all()  # through W_hh, every unit at the next step
+
+
+def test_dequantize_keeps_eval_mode():
+    model = nn.Sequential(nn.Linear(6, 6), nn.LSTM(6, 8, num_layers=2, dropout=0.5),
+                          fnn.LSTM(8, 8, recurrent_dropout=0.3)).eval()
+    back = dequantize(quantize_dynamic(model))
+    assert not any(m.training for m in back.modules())
+    x = torch.randn(5, 3, 6)
+    with torch.no_grad():
+        assert torch.equal(back[1](back[0](x))[0], back[1](back[0](x))[0])  # no dropout at inference
+
+
+def test_forward_hooks_survive_the_swap_as_in_torch():
+    seen = []
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].register_forward_pre_hook(lambda m, a: seen.append("pre"))
+    model[0].register_forward_hook(lambda m, a, out: seen.append("fwd"))
+    with torch.no_grad():
+        torch.ao.quantization.quantize_dynamic(model)(torch.randn(2, 4))
+        want, seen[:] = list(seen), []
+        q = quantize_dynamic(model)
+        q(torch.randn(2, 4))
+        assert seen == want == ["pre", "fwd"]
+        seen.clear()
+        dequantize(q)(torch.randn(2, 4))
+        assert seen == ["pre", "fwd"]
+
+
+@pytest.mark.parametrize("spec", [
+    {nn.Linear: "qc", "1.0": None},
+    {"1": "qc", "1.1": None},
+    {"": "qc", "0": None},
+    {"1": "qc"},
+    {nn.Linear, "1.0"},
+])
+def test_qconfig_spec_selects_what_torch_selects(spec):
+    """torch's rule: a module takes its name's entry, else its type's, else its parent's; None deselects."""
+    qc = torch.ao.quantization.default_dynamic_qconfig
+    if isinstance(spec, dict):
+        spec = {k: (qc if v == "qc" else v) for k, v in spec.items()}
+
+    def model():
+        return nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+
+    def picked(m, is_quantized):
+        return sorted(name for name, mod in m.named_modules() if is_quantized(mod))
+
+    ours = picked(quantize_dynamic(model(), spec), lambda mod: isinstance(mod, Linear))
+    torchs = picked(torch.ao.quantization.quantize_dynamic(model(), spec),
+                    lambda mod: isinstance(mod, torch.ao.nn.quantized.dynamic.Linear))
+    assert ours == torchs
+
+
+def test_float16_qconfig_is_refused_as_dtype_float16_is():
+    with pytest.raises(NotImplementedError, match="float16"):
+        quantize_dynamic(nn.Sequential(nn.Linear(4, 4)), {nn.Linear: torch.ao.quantization.float16_dynamic_qconfig})
+
+
+def test_cell_hx_of_the_wrong_form_is_a_clear_error():
+    q = quantize_dynamic(nn.LSTMCell(4, 3))
+    x, h = torch.randn(2, 4), torch.zeros(2, 3)
+    with torch.no_grad():
+        for hx in ((h, h, h), (h,), torch.stack([h, h])):
+            with pytest.raises(TypeError, match="hx must be a tuple of two tensors"):
+                q(x, hx)
+        with pytest.raises(TypeError, match="hx must be a tensor"):
+            quantize_dynamic(nn.GRUCell(4, 3))(x, (h,))

@@ -265,8 +265,8 @@ def test_moe_is_inference_only():
         q(x)
     with torch.no_grad():
         assert q(x).shape == (4, 32)
-    with pytest.raises(ValueError, match="float32"):
-        q(torch.randn(4, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="floating-point"):
+        q(torch.ones(4, 32, dtype=torch.int64))
 
 
 def test_moe_only_selected_by_spec():
@@ -427,3 +427,22 @@ def test_quantized_moe_on_cuda(weight_only):
         got = q(x.cuda())
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_float64_moe_quantizes_runs_and_dequantizes_in_its_dtype():
+    needs_cpu_kernels()
+    from fastnn.quantized import dequantize, quantize_dynamic
+    torch.manual_seed(0)
+    moe = fastnn.MoE(16, 32, 4, 2).double().eval()
+    q = quantize_dynamic(moe)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = q(x)
+        assert out.dtype == torch.float64
+        assert (out - moe(x)).abs().max() < 0.05 * moe(x).abs().max()
+        assert dequantize(q).experts.gate_up_proj.dtype == torch.float64
+        q32 = quantize_dynamic(fastnn.MoE(16, 32, 4, 2).eval()).double()  # router and bias stay fp32
+        assert q32.gate.weight.dtype == torch.float32
+        assert q32(torch.randn(3, 16)).dtype == torch.float32 and q32(x).dtype == torch.float64
+        with pytest.raises(ValueError, match="floating-point tensor"):
+            q(torch.ones(3, 16, dtype=torch.int64))

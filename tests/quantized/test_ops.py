@@ -132,6 +132,14 @@ def test_sequences_split_over_tasks_match_one_task_and_reference(kind, weight_on
     assert torch.all(two[0][2:, 1] == 0) and not two[0][:, [0, 2, 4]].isnan().any()
 
 
+def test_compiled_seq_ops_check_the_range_of_lengths():
+    needs_cpu_kernels()
+    x, h0, c0, w = lstm_args(5, 3, 4, 6)
+    for bad in ([5, -1, 3], [5, 6, 3]):
+        with pytest.raises(ValueError, match=r"lengths.*values in \[0, 5\]"):
+            torch.ops.fastnn.int8_lstm_seq(x, h0, c0, *w, torch.tensor(bad), False, False)
+
+
 def test_sequence_lengths_keep_state_past_the_end():
     needs_cpu_kernels()
     x, h0, c0, w = lstm_args(6, 2, 5, 4)
