@@ -7,7 +7,8 @@ quantization scheme) in fastnn.reference.quantized.
 
 from .convert import default_mapping, dequantize, quantize_dynamic
 from .modules import GRU, LSTM, RNN, GRUCell, Linear, LSTMCell, RNNCell
-from .moe import MoE
+from .moe import Experts, MoE
+from . import report  # noqa: E402  (fastnn.quantized.report.compare, as the examples use it)
 
 __all__ = ["quantize_dynamic", "dequantize", "default_mapping", "Linear", "LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell",
-           "MoE"]
+           "MoE", "Experts"]

@@ -152,9 +152,17 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
 
     model, count = _swap(model, pick, make)
     if count == 0:
+        # Types match exactly, as in torch: name the subclasses of mapped types, the likely surprise.
+        near = sorted({type(m).__name__ for m in model.modules()
+                       if type(m) not in table and isinstance(m, tuple(table)) and not isinstance(m, _QUANTIZED)})
+        hint = (f"; {', '.join(near)} subclass a mapped type, but types match exactly (add them to mapping=)"
+                if near else "")
         warnings.warn(f"fastnn.quantize_dynamic: nothing to quantize in {type(model).__name__} (no submodule matched "
-                      "qconfig_spec and the mapping); the model comes back unchanged", UserWarning, stacklevel=2)
+                      f"qconfig_spec and the mapping{hint}); the model comes back unchanged", UserWarning, stacklevel=2)
     return model
+
+
+_QUANTIZED = (Linear, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)
 
 
 def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -162,6 +170,6 @@ def dequantize(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     from .moe import MoE
-    quantized = (Linear, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell, MoE)
+    quantized = (*_QUANTIZED, MoE)
     model, _ = _swap(model, lambda name, mod, _: (isinstance(mod, quantized), False), lambda mod: mod.to_float())
     return model

@@ -144,8 +144,8 @@ class _Quantized(nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
 
-    def _get_name(self) -> str:  # the repr names the int8 module, not the float layer
-        return f"Quantized{type(self).__name__}"
+    def _get_name(self) -> str:  # the repr names the int8 class as it is imported (not the float layer's)
+        return f"fastnn.quantized.{type(self).__name__}"
 
     def _mode(self) -> str:
         return ("weights int8 per-channel, activations fp32 (weight-only)" if self.weight_only else
@@ -205,8 +205,10 @@ class _Recurrent(_Quantized):
         return self._run(qops.int8_rnn_seq, x, states[0], *w, lengths, reverse, self.weight_only, self.nonlinearity)
 
     def _init_kind(self, nonlinearity: str, cell: bool) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"fastnn: argument 'nonlinearity': expected 'tanh' or 'relu', got {nonlinearity!r}")
+        if nonlinearity not in ("tanh", "relu") or (self._kind != "rnn" and nonlinearity != "tanh"):
+            allowed = "'tanh' or 'relu'" if self._kind == "rnn" else f"'tanh' (an {self._kind.upper()} has no choice)"
+            raise ValueError(f"fastnn.quantized.{type(self).__name__}: argument 'nonlinearity': expected {allowed}, "
+                             f"got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         floats = {"lstm": (nn.LSTM, nn.LSTMCell), "gru": (nn.GRU, nn.GRUCell), "rnn": (nn.RNN, nn.RNNCell)}
         self._float_cls: type = floats[self._kind][cell]
@@ -338,20 +340,31 @@ class _RNNBase(_Recurrent):
         return output, (tuple(out_states) if n_states == 2 else out_states[0])
 
 
+_LAYER_DOC = """int8 ``torch.nn.{name}`` for CPU inference, made by :func:`fastnn.quantize_dynamic` (``from_float``).
+
+    Takes the float layer's inputs and gives its outputs: ``batch_first``, unbatched input,
+    ``PackedSequence``, ``bidirectional``, ``num_layers``, initial states. ``W_ih`` and ``W_hh`` are int8
+    with one fp32 scale per output row; biases, states and gate math are fp32; activations are
+    quantized per batch row and step (``weight_only=True``: kept fp32). Inference only; CPU only.
+    ``state_dict`` holds ``weight_*_q`` (int8) and ``weight_*_scale``; ``to_float()`` (or
+    :func:`fastnn.dequantize`) gives the float layer back. See fastnn.reference.quantized for the
+    arithmetic."""
+
+
 class LSTM(_RNNBase):
-    """int8 ``torch.nn.LSTM`` (no ``proj_size`` yet): the inputs and outputs of the float layer."""
+    __doc__ = _LAYER_DOC.format(name="LSTM") + "\n\n    ``proj_size`` is not supported yet."
 
     _kind, _gates = "lstm", 4
 
 
 class GRU(_RNNBase):
-    """int8 ``torch.nn.GRU``: the inputs and outputs of the float layer."""
+    __doc__ = _LAYER_DOC.format(name="GRU")
 
     _kind, _gates = "gru", 3
 
 
 class RNN(_RNNBase):
-    """int8 ``torch.nn.RNN`` (tanh or relu): the inputs and outputs of the float layer."""
+    __doc__ = _LAYER_DOC.format(name="RNN") + "\n\n    ``nonlinearity``: 'tanh' or 'relu'."
 
     _kind, _gates = "rnn", 1
 

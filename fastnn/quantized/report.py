@@ -51,16 +51,24 @@ def compare(model: nn.Module, evaluate: Callable[[nn.Module], float], sample: tu
     model.eval()
     qmodel = quantize_dynamic(model) if qmodel is None else qmodel
     qmodel.eval()
-    rows = {}
-    for name, m in (("fp32", model), ("int8", qmodel)):
-        rows[name] = {"metric": float(evaluate(m)), "bytes": state_dict_bytes(m),
-                      "ms": latency_ms(lambda: m(*sample), repeat=repeat)}
+    models = {"fp32": model, "int8": qmodel}
+    rows = {name: {"metric": float(evaluate(m)), "bytes": state_dict_bytes(m)} for name, m in models.items()}
+    # Alternating rounds, so that a change in the machine's load hits both alike; each row keeps the
+    # median of its rounds' medians.
+    rounds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(3):
+        for name, m in models.items():
+            rounds[name].append(latency_ms(lambda: m(*sample), repeat=max(1, repeat // 3)))
+    for name in models:
+        rows[name]["ms"] = statistics.median(rounds[name])
     model.train(was_training)
     f, q = rows["fp32"], rows["int8"]
+    threads = torch.get_num_threads()
     print_fn(f"fp32 against int8 dynamic (fastnn.quantize_dynamic), latency of {sample_name} "
-             f"({torch.get_num_threads()} threads):")
-    print_fn(f"  {'':5} {metric:>14} {'state_dict bytes':>24} {'latency':>20}")
-    print_fn(f"  {'fp32':5} {f['metric']:14.4f} {f['bytes']:24,d} {f['ms']:17.3f} ms")
-    print_fn(f"  {'int8':5} {q['metric']:14.4f} {q['bytes']:16,d} ({q['bytes'] / f['bytes']:.3f}x) "
-             f"{q['ms']:10.3f} ms ({f['ms'] / q['ms']:.2f}x)")
+             f"({threads} thread{'s' if threads != 1 else ''}):")
+    print_fn(f"  {'':5} {metric:>14} {'state_dict bytes':>30} {'latency':>26}")
+    speed = f["ms"] / q["ms"]
+    print_fn(f"  {'fp32':5} {f['metric']:14.4f} {f['bytes']:30,d} {f['ms']:23.3f} ms")
+    print_fn(f"  {'int8':5} {q['metric']:14.4f} {q['bytes']:16,d} ({q['bytes'] / f['bytes']:.3f}x the size) "
+             f"{q['ms']:7.3f} ms ({speed:.2f}x {'faster' if speed >= 1 else 'as fast'})")
     return {"fp32": f, "int8": q, "qmodel": qmodel}

@@ -204,7 +204,7 @@ def test_loading_a_float_state_dict_names_the_key():
 def test_repr_says_what_is_quantized():
     q = quantize_dynamic(nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 3)), weight_only=True)
     text = repr(q)
-    assert "QuantizedLinear(in_features=4, out_features=8" in text and "QuantizedLSTM(8, 3" in text
+    assert "fastnn.quantized.Linear(in_features=4, out_features=8" in text and "fastnn.quantized.LSTM(8, 3" in text
     assert "weights int8 per-channel, activations fp32 (weight-only)" in text
     assert "activations int8 dynamic per row" in repr(quantize_dynamic(nn.Linear(2, 2)))
 

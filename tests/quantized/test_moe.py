@@ -234,7 +234,7 @@ def test_moe_in_a_model_state_dict_repr_and_dequantize(backend):
     assert isinstance(q[0], fastnn.quantized.Linear) and isinstance(q[1], QMoE)
     assert isinstance(q[1].shared_expert.up_proj, fastnn.quantized.Linear)
     text = repr(q)
-    assert "QuantizedMoE" in text and "router fp32" in text and "QuantizedExperts" in text
+    assert "fastnn.quantized.MoE(" in text and "router fp32" in text and "fastnn.quantized.Experts(" in text
     assert "int8 per output channel per expert" in text
     sd = q.state_dict()
     assert sd["1.experts.gate_up_proj_q"].dtype == torch.int8 and sd["1.experts.down_proj_scale"].shape == (4, 64)
