@@ -263,6 +263,7 @@ class Op:
                  preference: dict[str, tuple[str, ...]] | None = None):
         self.name = name
         self.impls: dict[str, Implementation] = {}
+        self._native_cache: dict[str, tuple] = {}  # native_kernel's answers
         self._validate = validate
         self.preference = dict(DEFAULT_PREFERENCE, **(preference or {}))
         self.__name__ = name
@@ -289,6 +290,7 @@ class Op:
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = Implementation(backend, fn, supports, native)
+            self._native_cache.clear()
             self._update_doc()
             return fn
 
@@ -382,12 +384,19 @@ class Op:
         weights, once per layer and call) and cannot afford :meth:`validate` per call at batch 1,
         where it costs more than the int8 kernel. The compiled ops keep their own checks.
         """
+        # Cached per device type while the forced backends stay the same object (force() swaps it);
+        # what else decides (the registrations, the loaded library) does not change once ops run.
+        cached = self._native_cache.get(device.type)
+        if cached is not None and cached[0] is _FORCED:
+            return cached[1]
         want = forced(self.name)
         backend = want or self.preference.get(device.type, ("reference",))[0]
         impl = self.impls.get(backend)
-        if backend not in ("cpu", "cuda") or impl is None or impl.supports is not None:
-            return None
-        return impl.fn if _generic_reason(backend, device, impl.native) is None else None
+        fn = None
+        if backend in ("cpu", "cuda") and impl is not None and impl.supports is None:
+            fn = impl.fn if _generic_reason(backend, device, impl.native) is None else None
+        self._native_cache[device.type] = (_FORCED, fn)
+        return fn
 
     def __repr__(self) -> str:
         return f"fastnn.backends.Op({self.name!r}, backends={sorted(self.impls)})"

@@ -174,6 +174,17 @@ class Linear(_Quantized):
         return self._dequantize_into(nn.Linear(self.in_features, self.out_features, self.bias is not None))
 
     def forward(self, input: Tensor) -> Tensor:
+        b = self._buffers  # read directly: nn.Module.__getattr__ costs microseconds per name
+        w = b["weight_q"]
+        # The common call (a float32 CPU input of the right width, no graph to record) goes straight to
+        # the compiled kernel: a small layer at batch 1 takes a few microseconds there, less than
+        # the general path's checks.
+        if (type(input) is Tensor and input.dtype == torch.float32 and input.device.type == "cpu"
+                and w.device.type == "cpu" and input.dim() > 0 and input.shape[-1] == self.in_features
+                and not (input.requires_grad and torch.is_grad_enabled())):
+            kernel = qops.int8_linear.native_kernel(input.device)
+            if kernel is not None:
+                return kernel(input, w, b["weight_scale"], b["bias"], self.weight_only)
         self._check_device(input)
         self._check_features(input, self.in_features, "in_features")
         y = self._run(qops.int8_linear, _to_fp32(input), self.weight_q, self.weight_scale, self.bias, self.weight_only)

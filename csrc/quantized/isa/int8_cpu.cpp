@@ -179,7 +179,10 @@ void linear_with(const LinearArgs& a, Scratch& s) {
   const int64_t tiles_n = (N + kTileN - 1) / kTileN;
   const int64_t rows_per = std::max<int64_t>(1, std::min<int64_t>(M, 8));
   const int64_t tiles_m = (M + rows_per - 1) / rows_per;
-  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t t0, int64_t t1) {
+  // A task of fewer than ~32K multiply-adds is not worth waking a thread for (a small layer at
+  // batch 1 would spend more on the fork and join than on its products).
+  const int64_t grain = std::max<int64_t>(1, 32768 / (rows_per * kTileN * std::max<int64_t>(K, 1)));
+  at::parallel_for(0, tiles_m * tiles_n, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t mb = (t / tiles_n) * rows_per, me = std::min(M, mb + rows_per);
       const int64_t nb = (t % tiles_n) * kTileN, ne = std::min(N, nb + kTileN);
