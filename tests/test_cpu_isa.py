@@ -181,6 +181,13 @@ def test_set_isa_switches_both_kernel_sets():
         qops.set_isa(before)
 
 
+def test_bench_header_names_the_level():
+    _needs_library()
+    from fastnn.bench import cli
+    desc = cli.device_description(torch.device("cpu"))
+    assert f"fastnn kernels: {torch.ops.fastnn.cpu_isa()}" in cli.header(desc, _extension.info(), None)
+
+
 def test_levels_are_a_ladder():
     _needs_library()
     runs = _runs()
