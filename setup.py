@@ -6,9 +6,6 @@ Switches (environment):
                               CUDA build and nvcc is found; ``1`` fails the build when it cannot.
   TORCH_CUDA_ARCH_LIST        architectures to compile for (default "8.0;9.0").
   MAX_JOBS                    parallel compile jobs (ninja).
-  FASTNN_BUILD_ISA=all|LIST   x86-64: which variants of the vector kernels to compile (below); a
-                              comma-separated subset of avx2,avx512 (default is always built),
-                              e.g. ``default`` alone for a quick portable-only build. Default: all.
 
 CPU instruction sets. The library runs on any CPU of its architecture, and its vector kernels run at
 the best instruction set the CPU has, chosen at run time (csrc/cpu_isa.h; FASTNN_CPU_ISA forces
@@ -21,7 +18,9 @@ one). To that end:
     ``isa_<variant>`` of its family (cpu_isa.h, FASTNN_ISA_BEGIN):
       x86-64:  default (no flags), avx2 (AVX2+FMA+F16C), avx512 (AVX-512 F/BW/VL/DQ + FMA+F16C)
       others:  default only (at::vec uses NEON on AArch64 without flags)
-    The families' dispatchers (csrc/<family>/cpu_dispatch.cpp and the like) call the active one;
+    The families' dispatchers (csrc/<family>/cpu_dispatch.cpp and the like) call the active one.
+    Every variant is always built (csrc/cpu_isa.cpp refers to each), so there is no build switch
+    for the instruction set: one build serves every CPU of the architecture;
   - the int8 GEMM kernels (csrc/quantized/qgemm_*.cpp) carry target attributes instead.
 
 Nothing here looks at whether a GPU is visible: the CI machine has none and must still compile
@@ -71,17 +70,11 @@ _ISA_VARIANTS = {
 
 
 def _isa_variants():
-    """The variants of the isa/ sources to compile, default first (see _IsaBuildExtension for why
-    the order matters). Off x86-64 only default: csrc/cpu_isa.h selects avx2/avx512 only there."""
+    """The variants of the isa/ sources, default first (see _IsaBuildExtension for why the order
+    matters). Off x86-64 only default: csrc/cpu_isa.h refers to avx2/avx512 only there."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ["default"]
-    wanted = _flag("FASTNN_BUILD_ISA", "all")
-    names = ["avx2", "avx512"] if wanted in ("all", "auto") else [w.strip() for w in wanted.split(",") if w.strip()]
-    unknown = sorted(set(names) - set(_ISA_VARIANTS))
-    if unknown:
-        sys.exit(f"fastnn: FASTNN_BUILD_ISA must be all or a comma-separated subset of default, avx2, avx512; "
-                 f"got {wanted!r}")
-    return ["default"] + [n for n in ("avx2", "avx512") if n in names]
+    return ["default", "avx2", "avx512"]
 
 
 def _isa_build_ext(base):

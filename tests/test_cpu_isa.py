@@ -131,16 +131,15 @@ def test_optimizer_step_matches_torch(level, name, dtype):
             torch.testing.assert_close(y.detach().float(), x.detach(), rtol=3 * 2**-7, atol=1e-2)
 
 
-def test_grad_norm_matches_torch(level):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_grad_norm_matches_torch(level, dtype, norm_type):
     torch.manual_seed(0)
-    ps = [torch.randn(1037, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
-    for p in ps:
-        p.grad = torch.randn_like(p)
-    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ps]))
-    got = fastnn.optim.clip_grad_norm_(ps, 1e9) if hasattr(fastnn.optim, "clip_grad_norm_") else None
-    if got is None:
-        pytest.skip("fastnn.optim has no clip_grad_norm_")
-    torch.testing.assert_close(torch.as_tensor(got).float(), want, rtol=1e-5, atol=1e-6)
+    grads = [torch.randn(1037, dtype=dtype), torch.randn(3, 5, dtype=dtype)]
+    want = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]), norm_type)
+    norm, coef = fastnn.ops.optim.grad_norm_clip_coef.call("cpu", grads, 1.0, norm_type)
+    torch.testing.assert_close(norm.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(coef.double(), (1.0 / (want + 1e-6)).clamp(max=1.0), rtol=1e-5, atol=0)
 
 
 # --- int8 ops (the int8 variant of the level, and the MoE's vector helpers of its fp32 variant)
@@ -180,6 +179,13 @@ def test_set_isa_switches_both_kernel_sets():
         assert qops.isa() == {"avx512": "avx2"}.get(best, best)
     finally:
         qops.set_isa(before)
+
+
+def test_bench_header_names_the_level():
+    _needs_library()
+    from fastnn.bench import cli
+    desc = cli.device_description(torch.device("cpu"))
+    assert f"fastnn kernels: {torch.ops.fastnn.cpu_isa()}" in cli.header(desc, _extension.info(), None)
 
 
 def test_levels_are_a_ladder():
