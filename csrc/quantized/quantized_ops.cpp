@@ -5,7 +5,9 @@
 //   fastnn::int8_gru_seq     one int8 GRU layer and direction over a sequence
 //   fastnn::int8_rnn_seq     one int8 Elman RNN layer and direction (tanh or relu)
 //   fastnn::int8_moe_mlp     the routed experts of an MoE layer with int8 expert weights
-//   fastnn::quantized_isa / quantized_isas / quantized_set_isa   which int8 kernel variant runs
+//   fastnn::quantized_isa              the int8 kernel variant in use
+//   fastnn::quantized_isas / quantized_set_isa   the CPU instruction-set levels (cpu_isa.h), which
+//                                      switch the int8 and the fp32 kernels together
 //
 // Inference only: no backward ops. Fake kernels and the Python API live in fastnn/ops/quantized.py;
 // the references with the same signatures in fastnn/reference/quantized.py.
@@ -14,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "quantized/qgemm.h"
 #include "quantized/quantized.h"
 
@@ -23,18 +26,20 @@ namespace {
 
 std::string isa() { return active_kernels().name; }
 
+// The levels and their change are the CPU instruction-set ladder's (cpu_isa.h: the int8 and the
+// fp32 kernels switch together); set_isa returns the level that was in use, so that a caller can
+// restore it exactly (the int8 variant's name alone would not say which fp32 copy ran).
 std::vector<std::string> isas() {
-  const Kernels* all[3];
-  const int n = available_kernels(all);
+  const cpu_isa::Level* all[cpu_isa::kMaxLevels];
+  const int n = cpu_isa::available_levels(all);
   std::vector<std::string> names;
   for (int i = 0; i < n; ++i) names.emplace_back(all[i]->name);
   return names;
 }
 
-// Returns the variant that was in use, so that a caller can restore it.
 std::string set_isa(c10::string_view name) {
-  std::string before = active_kernels().name;
-  set_kernels(std::string(name.data(), name.size()).c_str());
+  std::string before = cpu_isa::active_level().name;
+  cpu_isa::set_level(std::string(name.data(), name.size()).c_str());
   return before;
 }
 

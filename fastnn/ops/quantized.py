@@ -330,11 +330,14 @@ def isa() -> str:
 
 
 def isas() -> list[str]:
-    """The int8 kernel variants this CPU can run, best last."""
+    """The CPU instruction-set levels this CPU runs, lowest first ("default", "avx2", "avx512",
+    "avx512_vnni" on x86-64; "default", "neon", "neon_dotprod" on AArch64). Each level picks an int8
+    kernel variant (:func:`isa`) and the copy of the fp32 kernels compiled for it."""
     return list(_lib().quantized_isas())
 
 
 def set_isa(name: str) -> str:
-    """Use variant ``name`` ("default", "avx2", "avx512_vnni", "neon", "neon_dotprod" or "auto") from
-    now on; returns the previous one. A variant this CPU cannot run raises ValueError."""
+    """Use level ``name`` (one of :func:`isas`, or "auto": the best) from now on, for the int8 and the
+    fp32 kernels alike; returns the level that was in use (pass it back to restore). A level this
+    CPU cannot run raises ValueError."""
     return _lib().quantized_set_isa(name)
