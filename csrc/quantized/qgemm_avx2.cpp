@@ -48,6 +48,13 @@ struct S8S8 {  // int8 x int8 -> int32, 32 products per step
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
   FASTNN_AVX2 static Out sum(Vec v) { return hsum_epi32(v); }
+  // Per 128-bit half, hadd(hadd(c0, c1), hadd(c2, c3)) holds the four half-sums in order; adding
+  // the halves gives the four totals. (Integer sums: any order is exact.)
+  FASTNN_AVX2 static void sum4(const Vec (&c)[4], Out* out) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(c[0], c[1]), _mm256_hadd_epi32(c[2], c[3]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                     _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)));
+  }
 };
 
 struct F32S8 {  // float x int8 (widened to float) -> float, 8 products per step
