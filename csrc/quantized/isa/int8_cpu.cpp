@@ -319,7 +319,11 @@ void recurrence_of(const RecurrenceArgs& a) {
     const float* hp = hbuf.data() + (step % 2) * B * H;
     float* hn = hbuf.data() + (1 - step % 2) * B * H;
     for (int g = 0; g < NG; ++g) {
-      product_tile(hp, H, a.w_hh, a.s_hh, a.b_hh, G, a.weight_only, 0, B, g * H + j0, g * H + j1, gh.data(), s);
+      // kTileN columns at a time: their W_hh rows (kTileN * H bytes) stay in L1 while every batch
+      // row passes; the whole range at once would stream W_hh from L2 once per pair of rows.
+      for (int64_t c0 = g * H + j0; c0 < g * H + j1; c0 += kTileN)
+        product_tile(hp, H, a.w_hh, a.s_hh, a.b_hh, G, a.weight_only, 0, B, c0, std::min(c0 + kTileN, g * H + j1),
+                     gh.data(), s);
       for (int64_t b = 0; b < B; ++b)
         if (s.exact[b]) exact_cols(hp + b * H, H, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
     }
