@@ -202,13 +202,10 @@ class _Recurrent(_Quantized):
     _gates = 4
 
     def _layer(self, x: Tensor, states: list[Tensor], sfx: str, lengths: Optional[Tensor], reverse: bool):
-        cache = self.__dict__.setdefault("_layer_names", {})  # per layer suffix: its buffers' names
-        names = cache.get(sfx)
-        if names is None:
-            names = cache[sfx] = (f"weight_ih{sfx}_q", f"weight_ih{sfx}_scale", f"weight_hh{sfx}_q",
-                                              f"weight_hh{sfx}_scale", f"bias_ih{sfx}", f"bias_hh{sfx}")
         buffers = self._buffers  # read directly: nn.Module.__getattr__ costs microseconds per name
-        w = [buffers[n] for n in names]
+        w = [buffers[f"{n}{sfx}{part}"] for n, part in (("weight_ih", "_q"), ("weight_ih", "_scale"),
+                                                        ("weight_hh", "_q"), ("weight_hh", "_scale"),
+                                                        ("bias_ih", ""), ("bias_hh", ""))]
         if self._kind == "lstm":
             return self._run(qops.int8_lstm_seq, x, states[0], states[1], *w, lengths, reverse, self.weight_only)
         if self._kind == "gru":
