@@ -15,6 +15,14 @@
 #               math (csrc/optim/math.h) with at::vec vectors: header-only use of torch's include
 #               folder (C++20), no libtorch linked. Built when `$PYTHON -c "import torch"` works.
 #
+#   x86emu      tests/cpp/emu/*_emu.cpp: freestanding programs (no OS, no libc; tests/cpp/emu/emu_rt.h)
+#               run by scripts/emulate_x86.py on Bochs's Tiger Lake model (AVX-512 F/BW/DQ/VL + VNNI),
+#               through the PyPI package bochscpu-python: qgemm_emu (the avx512_vnni int8 kernels).
+#               Then the same program on Skylake-X (AVX-512 without VNNI) must say the CPU lacks VNNI,
+#               and, told to run anyway, stop with #UD: the emulated model really gates the
+#               instructions, so the passing run executed them. Needs `$PYTHON -c "import bochscpu"`
+#               (else exit 3, saying so); `all` skips it then.
+#
 # The AArch64 part needs aarch64-linux-gnu-g++ (Debian: g++-aarch64-linux-gnu) and qemu-aarch64
 # (Debian: qemu-user). When they are missing: as root with CI=true they are apt-get installed;
 # otherwise the script says what to install and exits 3.
@@ -27,8 +35,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 WHAT="${1:-all}"
-case "$WHAT" in native | aarch64 | all | tools) ;; *)
-  echo "usage: $0 [native|aarch64|all|tools]" >&2
+case "$WHAT" in native | aarch64 | x86emu | all | tools) ;; *)
+  echo "usage: $0 [native|aarch64|x86emu|all|tools]" >&2
   exit 2
   ;;
 esac
@@ -139,13 +147,50 @@ run_aarch64() {
   fi
 }
 
+# Freestanding: the code the harness loads at a fixed address, with no OS under it. -mno-red-zone is
+# not needed (no interrupts arrive); no exceptions, RTTI or thread-safe statics (no runtime for them).
+EMU_FLAGS=(-O2 -Wall -Wextra -Wno-maybe-uninitialized -Wno-ignored-attributes -Icsrc -ffreestanding -fno-exceptions
+  -fno-rtti -fno-threadsafe-statics -fno-stack-protector -fno-pic -fno-pie -fcf-protection=none
+  -fno-asynchronous-unwind-tables -fno-unwind-tables -nostdlib -static -no-pie -Wl,--build-id=none
+  -Wl,-T,tests/cpp/emu/emu.ld)
+# GNU ld >= 2.39 warns about the single RWX segment the flat layout uses.
+if "$CXX" -Wl,--no-warn-rwx-segments -x c++ - -o "$BUILD_DIR/ld_probe" <<<'int main(){}' 2>/dev/null; then
+  EMU_FLAGS+=(-Wl,--no-warn-rwx-segments)
+fi
+EMU=("$PYTHON" scripts/emulate_x86.py --timeout "${EMU_TIMEOUT:-300}")
+
+bochscpu_usable() { "$PYTHON" scripts/emulate_x86.py --check; }
+
+run_x86emu() {
+  local bin="$BUILD_DIR/qgemm_emu"
+  log "x86emu: building qgemm_emu (freestanding) with $CXX"
+  "$CXX" -std=c++17 "${EMU_FLAGS[@]}" csrc/quantized/qgemm_avx512.cpp csrc/quantized/qgemm_avx2.cpp \
+    tests/cpp/emu/qgemm_emu.cpp tests/cpp/emu/emu_rt.cpp -lgcc -o "$bin"
+  log "x86emu: running qgemm_emu on the emulated tigerlake"
+  "${EMU[@]}" --cpu tigerlake "$bin"
+  log "x86emu: qgemm_emu on corei7_skylake_x (no VNNI) must refuse, and fault when forced"
+  local out
+  out="$("${EMU[@]}" --cpu corei7_skylake_x "$bin")" && out+=$'\n(exit status 0)'
+  echo "$out"
+  if ! grep -q "lacks avx512vnni" <<<"$out" || grep -q "exit status 0" <<<"$out"; then
+    echo "check_microkernels: qgemm_emu did not report the missing VNNI on Skylake-X" >&2
+    exit 1
+  fi
+  "${EMU[@]}" --cpu corei7_skylake_x --guest-arg 1 --expect-fault 6 "$bin"
+}
+
 case "$WHAT" in
   native) run_native ;;
   aarch64) run_aarch64 ;;
+  x86emu)
+    bochscpu_usable || exit 3
+    run_x86emu
+    ;;
   tools) need_cross_tools ;;
   all)
     run_native
     run_aarch64
+    if bochscpu_usable; then run_x86emu; else log "skipping x86emu (bochscpu-python is not installed)"; fi
     ;;
 esac
 log "passed ($WHAT)"

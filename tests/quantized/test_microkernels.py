@@ -1,7 +1,8 @@
 """The CPU microkernels (int8 qgemm variants, the at::vec recurrent step and optimizer math) checked
 by the C++ test programs in tests/cpp/, through scripts/check_microkernels.sh: natively always,
-and cross-compiled for AArch64 under qemu-aarch64 (with and without the dot-product extension)
-when the cross compiler and qemu are installed."""
+cross-compiled for AArch64 under qemu-aarch64 (with and without the dot-product extension)
+when the cross compiler and qemu are installed, and the x86-64 AVX-512 code as freestanding programs
+on an emulated CPU (Bochs, through bochscpu-python) when that package is installed."""
 
 import os
 import shutil
@@ -42,3 +43,17 @@ def test_aarch64_under_qemu(tmp_path):
     # Both NEON paths ran: sdot on -cpu max, the plain kernel on a CPU without the extension.
     assert "variants tested: default neon neon_dotprod" in out, out
     assert "skip neon_dotprod: built, but this CPU lacks it" in out, out
+
+
+def test_x86_avx512_under_emulation(tmp_path):
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler (g++, or $CXX) on PATH")
+    probe = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "emulate_x86.py"), "--check"],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("the AVX-512 emulation needs the PyPI package bochscpu-python: "
+                    + (probe.stdout + probe.stderr).strip())
+    out = _run("x86emu", tmp_path)
+    # The VNNI kernel ran on a CPU that has it, and a CPU without it refused, then faulted.
+    assert "ok   avx512_vnni: 608 cases on the emulated CPU" in out, out
+    assert "lacks avx512vnni" in out and "the expected exception 6 stopped the program" in out, out
