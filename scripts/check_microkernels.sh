@@ -17,7 +17,9 @@
 #
 #   x86emu      tests/cpp/emu/*_emu.cpp: freestanding programs (no OS, no libc; tests/cpp/emu/emu_rt.h)
 #               run by scripts/emulate_x86.py on Bochs's Tiger Lake model (AVX-512 F/BW/DQ/VL + VNNI),
-#               through the PyPI package bochscpu-python: qgemm_emu (the avx512_vnni int8 kernels).
+#               through the PyPI package bochscpu-python: qgemm_emu (the avx512_vnni int8 kernels), and
+#               vec_test itself built with setup.py's avx512 variant flags (at::vec 16-float vectors),
+#               linked with tests/cpp/emu/hosted_shim.cpp (printf, new, exp/tanh ... without libc).
 #               Then the same program on Skylake-X (AVX-512 without VNNI) must say the CPU lacks VNNI,
 #               and, told to run anyway, stop with #UD: the emulated model really gates the
 #               instructions, so the passing run executed them. Needs `$PYTHON -c "import bochscpu"`
@@ -157,6 +159,8 @@ EMU_FLAGS=(-O2 -Wall -Wextra -Wno-maybe-uninitialized -Wno-ignored-attributes -I
 if "$CXX" -Wl,--no-warn-rwx-segments -x c++ - -o "$BUILD_DIR/ld_probe" <<<'int main(){}' 2>/dev/null; then
   EMU_FLAGS+=(-Wl,--no-warn-rwx-segments)
 fi
+# setup.py's flags for the library's avx512 variant.
+AVX512_FLAGS=(-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -DCPU_CAPABILITY=AVX512 -DCPU_CAPABILITY_AVX512)
 EMU=("$PYTHON" scripts/emulate_x86.py --timeout "${EMU_TIMEOUT:-300}")
 
 bochscpu_usable() { "$PYTHON" scripts/emulate_x86.py --check; }
@@ -177,6 +181,20 @@ run_x86emu() {
     exit 1
   fi
   "${EMU[@]}" --cpu corei7_skylake_x --guest-arg 1 --expect-fault 6 "$bin"
+  # torch's headers need exceptions and RTTI to compile; nothing in the tested code throws.
+  local flags=()
+  for f in "${EMU_FLAGS[@]}"; do
+    case "$f" in -fno-exceptions | -fno-rtti) ;; *) flags+=("$f") ;; esac
+  done
+  if [ -z "$TORCH_INC" ]; then
+    log "x86emu: skipping vec_test: '$PYTHON -c \"import torch\"' failed (torch's headers are needed)"
+    return 0
+  fi
+  log "x86emu: building vec_test (freestanding, setup.py's avx512 flags) with $CXX"
+  "$CXX" -std=c++20 "${flags[@]}" -isystem "$TORCH_INC" "${AVX512_FLAGS[@]}" tests/cpp/vec_test.cpp \
+    tests/cpp/emu/hosted_shim.cpp tests/cpp/emu/emu_rt.cpp -lgcc -o "$BUILD_DIR/vec_test_emu"
+  log "x86emu: running vec_test on the emulated tigerlake"
+  "${EMU[@]}" --cpu tigerlake "$BUILD_DIR/vec_test_emu"
 }
 
 case "$WHAT" in
