@@ -4,7 +4,9 @@
 //   - the fused recurrent step of csrc/rnn/isa/cpu_step.h: forward_block and backward_row for LSTM,
 //     GRU, RNN tanh/relu, with padded rows (lengths), split column ranges, biases, double buffering;
 //   - the optimizer update math of csrc/optim/math.h (Adam/AdamW/AMSGrad, SGD momentum/Nesterov)
-//     on Vectorized<float>.
+//     on Vectorized<float>;
+//   - the packed recurrent forward's blocks (csrc/rnn/isa/packed_block.h: dot_rows, sum_each,
+//     block_products).
 // torch's headers are used header-only (C++20, as they require); no libtorch is linked.
 // scripts/check_microkernels.sh builds and runs it. Exit status 0 when all match, 1 otherwise.
 #include <cmath>
@@ -14,6 +16,7 @@
 
 #include "optim/math.h"
 #include "rnn/isa/cpu_step.h"
+#include "rnn/isa/packed_block.h"
 
 namespace {
 
@@ -205,6 +208,50 @@ void optim_case(Rng& rng) {
   }
 }
 
+// The packed forward's vector blocks (rnn/isa/packed_block.h): dot_rows (its sum_each is the
+// reduction each instruction set writes its own way) and block_products on the packed layout, for
+// widths and feature counts around one vector, against double sums. Returns the number of cases.
+int packed_cases(Rng& rng) {
+  using namespace fastnn::rnn::packed;
+  int cases = 0;
+  for (int64_t K : {int64_t(1), int64_t(5), kBlock - 1, kBlock, 2 * kBlock + 3})
+    for (int64_t rows : {int64_t(1), kBlock - 1, kBlock}) {
+      auto w = rng.vec(rows * K, -1, 1), x = rng.vec(K, -1, 1);
+      std::vector<float> y(kBlock, 7.f);
+      dot_rows(w.data(), K, rows, x.data(), y.data());
+      std::vector<double> ref(kBlock, 7.0);  // past `rows`: untouched
+      for (int64_t r = 0; r < rows; ++r) {
+        ref[r] = 0;
+        for (int64_t k = 0; k < K; ++k) ref[r] += double(w[r * K + k]) * x[k];
+      }
+      check("dot_rows K=" + std::to_string(K) + " rows=" + std::to_string(rows), y.data(), ref);
+      ++cases;
+    }
+  // LSTM's four gates, H = one whole block and a partial one; R = 4 rows two gates at a time, then
+  // the rows again accumulating features [k1, K) one row at a time with every gate.
+  constexpr int NG = 4;
+  const int64_t H = kBlock + 3, K = 7, B = 4, k1 = 3, G = NG * H, nb = 2;
+  auto w = rng.vec(G * K, -1, 1), hin = rng.vec(B * K, -1, 1);
+  std::vector<float> wp(nb * K * NG * kBlock, 0.f), gh(B * G, 7.f);
+  for (int64_t jb = 0; jb < nb; ++jb)
+    for (int64_t k = 0; k < K; ++k)
+      for (int g = 0; g < NG; ++g)
+        for (int64_t l = 0; l < kBlock && jb * kBlock + l < H; ++l)
+          wp[((jb * K + k) * NG + g) * kBlock + l] = w[(g * H + jb * kBlock + l) * K + k];
+  for (int64_t jb = 0; jb < nb; ++jb) {
+    const int64_t j0 = jb * kBlock, width = std::min(kBlock, H - j0);
+    const float* slice = wp.data() + jb * K * NG * kBlock;
+    for (int g0 = 0; g0 < NG; g0 += 2) block_products<NG, 2, 4>(slice, hin.data(), K, 0, k1, 0, H, j0, width, gh.data(), false, g0);
+    for (int64_t b = 0; b < B; ++b) block_products<NG, NG, 1>(slice, hin.data(), K, k1, K, b, H, j0, width, gh.data(), true, 0);
+  }
+  std::vector<double> ref(B * G, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = 0; r < G; ++r)
+      for (int64_t k = 0; k < K; ++k) ref[b * G + r] += double(w[r * K + k]) * hin[b * K + k];
+  check("block_products", gh.data(), ref);
+  return cases + 1;
+}
+
 }  // namespace
 
 int main() {
@@ -216,7 +263,8 @@ int main() {
       for (bool go : {false, true}) backward_case(cell, H, go, rng), ++cases;
     }
   optim_case(rng);
-  std::printf("%s: %d failure(s); %d recurrent-step cases, 6 optimizer cases; at::vec float width %d\n",
-              g_failures ? "FAILED" : "passed", g_failures, cases, int(Vectorized<float>::size()));
+  const int packed = packed_cases(rng);
+  std::printf("%s: %d failure(s); %d recurrent-step cases, 6 optimizer cases, %d packed-block cases; at::vec float width %d\n",
+              g_failures ? "FAILED" : "passed", g_failures, cases, packed, int(Vectorized<float>::size()));
   return g_failures ? 1 : 0;
 }
