@@ -11,9 +11,11 @@
 #
 # Programs:
 #   qgemm_test  the int8 kernels (csrc/quantized/qgemm_*.cpp; plain C++17, no torch)
-#   vec_test    the fp32 recurrent step (csrc/rnn/cpu_step.h, at::vec) and the optimizer update
-#               math (csrc/optim/math.h) with at::vec vectors: header-only use of torch's include
-#               folder (C++20), no libtorch linked. Built when `$PYTHON -c "import torch"` works.
+#   vec_test    the fp32 recurrent step (csrc/rnn/isa/cpu_step.h, at::vec), the packed forward's
+#               blocks (csrc/rnn/isa/packed_block.h), the optimizer update math (csrc/optim/math.h)
+#               with at::vec vectors, and the int8 MoE vector helpers (csrc/quantized/isa/qmoe_vec.cpp):
+#               header-only use of torch's include folder (C++20), no libtorch linked. Built when
+#               `$PYTHON -c "import torch"` works.
 #
 #   x86emu      tests/cpp/emu/*_emu.cpp: freestanding programs (no OS, no libc; tests/cpp/emu/emu_rt.h)
 #               run by scripts/emulate_x86.py on Bochs's Tiger Lake model (AVX-512 F/BW/DQ/VL + VNNI),
@@ -64,6 +66,9 @@ for f in csrc/quantized/qgemm_*.cpp; do
 done
 COMMON_FLAGS=(-O2 -Wall -Wextra -Wno-maybe-uninitialized -Icsrc)
 
+# vec_test and the at::vec source it checks besides the headers it includes.
+VEC_SRCS=(tests/cpp/vec_test.cpp csrc/quantized/isa/qmoe_vec.cpp)
+
 # torch's include folder, for vec_test (empty: vec_test is skipped, saying why).
 TORCH_INC="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))' \
   2>/dev/null || true)"
@@ -91,7 +96,7 @@ build_vec_test() {  # build_vec_test LABEL COMPILER EXTRA_FLAGS: sets VEC_BIN, o
   fi
   log "$label: building vec_test with $cxx (torch headers: $TORCH_INC)"
   # shellcheck disable=SC2086
-  "$cxx" -std=c++20 -O2 -Wall -Icsrc -isystem "$TORCH_INC" $extra tests/cpp/vec_test.cpp -o "$BUILD_DIR/vec_test_$label"
+  "$cxx" -std=c++20 -O2 -Wall -Icsrc -isystem "$TORCH_INC" $extra "${VEC_SRCS[@]}" -o "$BUILD_DIR/vec_test_$label"
   VEC_BIN="$BUILD_DIR/vec_test_$label"
 }
 
@@ -191,7 +196,7 @@ run_x86emu() {
     return 0
   fi
   log "x86emu: building vec_test (freestanding, setup.py's avx512 flags) with $CXX"
-  "$CXX" -std=c++20 "${flags[@]}" -isystem "$TORCH_INC" "${AVX512_FLAGS[@]}" tests/cpp/vec_test.cpp \
+  "$CXX" -std=c++20 "${flags[@]}" -isystem "$TORCH_INC" "${AVX512_FLAGS[@]}" "${VEC_SRCS[@]}" \
     tests/cpp/emu/hosted_shim.cpp tests/cpp/emu/emu_rt.cpp -lgcc -o "$BUILD_DIR/vec_test_emu"
   log "x86emu: running vec_test on the emulated tigerlake"
   "${EMU[@]}" --cpu tigerlake "$BUILD_DIR/vec_test_emu"

@@ -6,17 +6,45 @@
 //   - the optimizer update math of csrc/optim/math.h (Adam/AdamW/AMSGrad, SGD momentum/Nesterov)
 //     on Vectorized<float>;
 //   - the packed recurrent forward's blocks (csrc/rnn/isa/packed_block.h: dot_rows, sum_each,
-//     block_products).
+//     block_products);
+//   - the int8 MoE experts' vector helpers (csrc/quantized/isa/qmoe_vec.cpp, linked beside this
+//     file): gated activations and per-row int8 quantization.
 // torch's headers are used header-only (C++20, as they require); no libtorch is linked.
 // scripts/check_microkernels.sh builds and runs it. Exit status 0 when all match, 1 otherwise.
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "optim/math.h"
 #include "rnn/isa/cpu_step.h"
+#include "quantized/qmoe_vec.h"
 #include "rnn/isa/packed_block.h"
+
+// csrc/quantized/isa/qmoe_vec.cpp, compiled beside this file without FASTNN_ISA: its table getter
+// is then outside the variant namespaces.
+namespace fastnn::quantized {
+const MoeVecKernels& moe_vec_kernels();
+}
+
+// at::vec's AVX2/AVX-512 tanh and exp (erf uses exp) are Sleef's, in libtorch, which is not linked
+// here: lane by lane with <cmath> instead, so that the code around them (qmoe_vec's GeLU forms) is
+// what is checked. (The recurrent step's float math uses at::vec's inline exp_u20, not these.)
+#define FASTNN_TEST_LANEWISE(name, V, n, load, store, fn) \
+  extern "C" V name(V x) {                                \
+    float l[n];                                           \
+    store(l, x);                                          \
+    for (float& v : l) v = fn(v);                         \
+    return load(l);                                       \
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+FASTNN_TEST_LANEWISE(Sleef_tanhf16_u10, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, std::tanh)
+FASTNN_TEST_LANEWISE(Sleef_expf16_u10, __m512, 16, _mm512_loadu_ps, _mm512_storeu_ps, std::exp)
+#elif defined(CPU_CAPABILITY_AVX2)
+FASTNN_TEST_LANEWISE(Sleef_tanhf8_u10, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, std::tanh)
+FASTNN_TEST_LANEWISE(Sleef_expf8_u10, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps, std::exp)
+#endif
 
 namespace {
 
@@ -252,6 +280,56 @@ int packed_cases(Rng& rng) {
   return cases + 1;
 }
 
+// The int8 MoE experts' vector helpers (csrc/quantized/isa/qmoe_vec.cpp): the gated activations
+// and the per-row int8 quantization, on widths around one vector. Returns the number of cases.
+int moe_vec_cases(Rng& rng) {
+  using fastnn::quantized::Act;
+  const float kNaN = std::numeric_limits<float>::quiet_NaN();
+  const auto& kern = fastnn::quantized::moe_vec_kernels();
+  const int64_t W = Vectorized<float>::size();
+  int cases = 0;
+  for (int64_t n : {int64_t(1), W - 1, W, 2 * W + 3, int64_t(37)}) {
+    for (Act act : {Act::SiLU, Act::GeLU, Act::GeLUTanh, Act::ReLU}) {
+      auto g = rng.vec(n, -4, 4), u = rng.vec(n, -2, 2);
+      std::vector<float> h(n + 1, 7.f);
+      kern.gated(act, g.data(), u.data(), h.data(), n);
+      std::vector<double> ref(n + 1, 7.0);  // h[n]: untouched
+      for (int64_t j = 0; j < n; ++j) {
+        const double x = g[j];
+        double a = x > 0 ? x : 0.0;
+        if (act == Act::SiLU) a = x * sig(x);
+        if (act == Act::GeLU) a = 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+        if (act == Act::GeLUTanh) a = 0.5 * x * (1 + std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+        ref[j] = a * u[j];
+      }
+      check("moe gated act=" + std::to_string(int(act)) + " n=" + std::to_string(n), h.data(), ref, 1e-5);
+      ++cases;
+    }
+    // A zero row, a row with NaN, then ordinary rows: q exact (x / scale, clamped, ties to even).
+    for (int kind = 0; kind < 3; ++kind, ++cases) {
+      auto x = rng.vec(n, -3, 3);
+      if (kind == 0) x.assign(n, 0.f);
+      if (kind == 1) x[n / 2] = kNaN;
+      std::vector<int8_t> q(n + 1, 99);
+      float scale = -1.f;
+      kern.quantize_row(x.data(), n, q.data(), &scale);
+      float amax = 0.f;
+      for (float v : x) amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+      const float s = kind == 1 ? kNaN : (amax == 0.f ? 1.f : amax / 127.f);
+      const std::string name = "moe quantize_row n=" + std::to_string(n) + " kind=" + std::to_string(kind);
+      bool ok = (std::isnan(s) ? std::isnan(scale) : scale == s) && q[n] == 99;
+      for (int64_t k = 0; k < n && ok; ++k) {
+        float t = kind == 1 ? 0.f : x[k] / s;
+        t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
+        // ties to even: adding 1.5 * 2^23 leaves an integer in float's last bit, rounded to nearest even
+        ok = q[k] == int8_t((t + 12582912.f) - 12582912.f);
+      }
+      if (!ok && ++g_failures <= 50) std::printf("MISMATCH %s: scale %.9g (expected %.9g) or q\n", name.c_str(), scale, s);
+    }
+  }
+  return cases;
+}
+
 }  // namespace
 
 int main() {
@@ -263,8 +341,9 @@ int main() {
       for (bool go : {false, true}) backward_case(cell, H, go, rng), ++cases;
     }
   optim_case(rng);
-  const int packed = packed_cases(rng);
-  std::printf("%s: %d failure(s); %d recurrent-step cases, 6 optimizer cases, %d packed-block cases; at::vec float width %d\n",
-              g_failures ? "FAILED" : "passed", g_failures, cases, packed, int(Vectorized<float>::size()));
+  const int packed = packed_cases(rng), moe = moe_vec_cases(rng);
+  std::printf("%s: %d failure(s); %d recurrent-step cases, 6 optimizer cases, %d packed-block cases, %d int8 MoE "
+              "vector cases; at::vec float width %d\n",
+              g_failures ? "FAILED" : "passed", g_failures, cases, packed, moe, int(Vectorized<float>::size()));
   return g_failures ? 1 : 0;
 }
