@@ -191,14 +191,16 @@ class _Subgraph:
         return emit
 
 
-def _step(kind: str, o, states, gi, w_t, w_scale, bias, weight_only: bool, nonlinearity: str):
-    """One step of fastnn's int8 cell: the new states (the first is the output)."""
+def _step(kind: str, o, states, gi, w_t, w_scale, bias, weight_only: bool, nonlinearity: str, proj=None):
+    """One step of fastnn's int8 cell: the new states (the first is the output). ``proj``: an LSTM's
+    projection (``W_hr^T``, its scales), or None."""
     h = states[0]
     gh = _int8_matmul(h, w_t, w_scale, bias, weight_only, o)
     if kind == "lstm":
         i, f, g, out = o.Split(o.Add(gi, gh), axis=-1, num_outputs=4)
         c = o.Add(o.Mul(o.Sigmoid(f), states[1]), o.Mul(o.Sigmoid(i), o.Tanh(g)))
-        return [o.Mul(o.Sigmoid(out), o.Tanh(c)), c]
+        h = o.Mul(o.Sigmoid(out), o.Tanh(c))
+        return [h if proj is None else _int8_matmul(h, proj[0], proj[1], None, weight_only, o), c]
     if kind == "gru":
         xr, xz, xn = o.Split(gi, axis=-1, num_outputs=3)
         hr, hz, hn = o.Split(gh, axis=-1, num_outputs=3)
@@ -210,18 +212,20 @@ def _step(kind: str, o, states, gi, w_t, w_scale, bias, weight_only: bool, nonli
 
 
 def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
-                    reverse: bool, weight_only: bool, nonlinearity: str = "tanh"):
-    H = _static(w_hh_q, 1, f"fastnn::int8_{kind}_seq")
+                    reverse: bool, weight_only: bool, nonlinearity: str = "tanh", w_hr_q=None, w_hr_scale=None):
+    P = _static(w_hh_q, 1, f"fastnn::int8_{kind}_seq")  # the size of h
+    H = P if w_hr_q is None else _static(w_hr_q, 1, f"fastnn::int8_{kind}_seq")  # the size of c
     gi = _int8_matmul(input, op.Transpose(w_ih_q, perm=[1, 0]), w_ih_scale, b_ih, weight_only)  # [T, B, G]
     w_t = op.Transpose(w_hh_q, perm=[1, 0])
+    proj = None if w_hr_q is None else (op.Transpose(w_hr_q, perm=[1, 0]), w_hr_scale)
     body = _Subgraph()
 
     def value(dtype, shape):  # an input of the body
         return ir.Value(type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
-    b_states = [value(ir.DataType.FLOAT, [None, H]) for _ in states]
+    b_states = [value(ir.DataType.FLOAT, [None, P if i == 0 else H]) for i in range(len(states))]
     b_gi = value(ir.DataType.FLOAT, [None, len(_GATE_ORDER[kind]) * H])
-    new = _step(kind, body, b_states, b_gi, w_t, w_hh_scale, b_hh, weight_only, nonlinearity)
+    new = _step(kind, body, b_states, b_gi, w_t, w_hh_scale, b_hh, weight_only, nonlinearity, proj)
     scan_inputs, b_inputs = [gi], [b_gi]
     if lengths is None:
         out = new[0]
@@ -249,9 +253,9 @@ def _int8_recurrent(kind: str, input, states, w_ih_q, w_ih_scale, w_hh_q, w_hh_s
 
 
 def int8_lstm_seq(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih=None, b_hh=None, lengths=None,
-                  reverse: bool = False, weight_only: bool = False):
+                  reverse: bool = False, weight_only: bool = False, w_hr_q=None, w_hr_scale=None):
     return _int8_recurrent("lstm", input, (h0, c0), w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths,
-                           reverse, weight_only)
+                           reverse, weight_only, w_hr_q=w_hr_q, w_hr_scale=w_hr_scale)
 
 
 def int8_gru_seq(input, h0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih=None, b_hh=None, lengths=None,

@@ -26,16 +26,17 @@ struct LinearArgs {
 
 enum class Kind : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 
-// One layer and direction over a time-major sequence. `out` [T, B, H] must hold zeros (rows past a
-// sequence's length stay zero); h [B, H] (and c, LSTM) hold the initial state and receive the final
-// one. Gates i, f, g, o (LSTM) or r, z, n (GRU) in torch's order.
+// One layer and direction over a time-major sequence. `out` [T, B, P] must hold zeros (rows past a
+// sequence's length stay zero); h [B, P] (and c [B, H], LSTM) hold the initial state and receive the
+// final one. Gates i, f, g, o (LSTM) or r, z, n (GRU) in torch's order. P is the size of h: H, or
+// an LSTM's proj_size, when h = W_hr (o * tanh(c)) as in torch.nn.LSTM(proj_size=P).
 struct RecurrenceArgs {
   Kind kind;
-  int64_t T, B, I, H;
+  int64_t T, B, I, H, P;
   const float* input;  // [T, B, I]
   const int8_t* w_ih;  // [G, I]
   const float* s_ih;   // [G]
-  const int8_t* w_hh;  // [G, H]
+  const int8_t* w_hh;  // [G, P]
   const float* s_hh;   // [G]
   const float* b_ih;   // [G] or null
   const float* b_hh;   // [G] or null
@@ -44,6 +45,8 @@ struct RecurrenceArgs {
   float* out;
   float* h;
   float* c;  // LSTM only
+  const int8_t* w_hr;  // [P, H] (LSTM with a projection) or null (then P == H)
+  const float* s_hr;   // [P] or null
 };
 
 struct Int8CpuKernels {

@@ -17,7 +17,7 @@ at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& w_q, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_lstm_seq(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih_q,
     const at::Tensor& w_ih_scale, const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih,
-    const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only);
+    const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only, const Opt& w_hr_q, const Opt& w_hr_scale);
 
 std::tuple<at::Tensor, at::Tensor> int8_gru_seq(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& w_ih_q, const at::Tensor& w_ih_scale,

@@ -38,26 +38,42 @@ struct Seq {
   bool lstm;
   at::Tensor input, h0, c0, w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, lengths;
   bool reverse, weight_only;
+  at::Tensor w_hr, s_hr;  // an LSTM's projection, or undefined
+  int64_t H, P;           // cell size; size of h (P == H without a projection)
 };
 
 Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih,
               const at::Tensor& s_ih, const at::Tensor& w_hh, const at::Tensor& s_hh, const Opt& b_ih,
-              const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only) {
+              const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only, const Opt& w_hr = {},
+              const Opt& s_hr = {}) {
   FASTNN_CHECK_ARG(input.scalar_type() == at::kFloat && input.dim() == 3, "input",
                    "a float32 tensor [T, B, input_size]", describe(input));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const bool lstm = kind == Kind::LSTM;
   const int64_t gates = lstm ? 4 : kind == Kind::GRU ? 3 : 1;
-  FASTNN_CHECK_ARG(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1) && w_hh.size(1) > 0, "w_hh_q",
-                   "an int8 tensor [" + std::to_string(gates) + "*hidden_size, hidden_size]", describe(w_hh));
-  const int64_t H = w_hh.size(1), G = gates * H;
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  FASTNN_CHECK_ARG(proj == (s_hr.has_value() && s_hr->defined()), proj ? "w_hr_scale" : "w_hr_q",
+                   "w_hr_q and w_hr_scale both given or both None", "only one of them");
+  // h has P units: the hidden size, or the projection's size (w_hr_q [P, H]).
+  const int64_t P = w_hh.dim() == 2 ? w_hh.size(1) : 0;
+  FASTNN_CHECK_ARG(w_hh.dim() == 2 && P > 0 && w_hh.size(0) > 0 && w_hh.size(0) % gates == 0 && (proj || w_hh.size(0) == gates * P),
+                   "w_hh_q",
+                   proj ? "an int8 tensor [4*hidden_size, proj_size]"
+                        : "an int8 tensor [" + std::to_string(gates) + "*hidden_size, hidden_size]",
+                   describe(w_hh));
+  const int64_t H = w_hh.size(0) / gates, G = gates * H;
+  if (proj) {
+    FASTNN_CHECK_ARG(lstm, "w_hr_q", "None (only an LSTM has a projection)", describe(*w_hr));
+    check_weight(*w_hr, *s_hr, "w_hr_q", "w_hr_scale", P, H);
+  }
   check_weight(w_ih, s_ih, "w_ih_q", "w_ih_scale", G, I);
-  check_weight(w_hh, s_hh, "w_hh_q", "w_hh_scale", G, H);
-  check_f32(h0, "h0", {B, H});
+  check_weight(w_hh, s_hh, "w_hh_q", "w_hh_scale", G, P);
+  check_f32(h0, "h0", {B, P});
   if (lstm) check_f32(c0, "c0", {B, H});
   Seq s{kind, lstm, input.contiguous(), h0.contiguous(), lstm ? c0.contiguous() : at::Tensor(), w_ih.contiguous(),
         s_ih.contiguous(), w_hh.contiguous(), s_hh.contiguous(), opt_f32(b_ih, "b_ih", G), opt_f32(b_hh, "b_hh", G),
-        at::Tensor(), reverse, weight_only};
+        at::Tensor(), reverse, weight_only, proj ? w_hr->contiguous() : at::Tensor(),
+        proj ? s_hr->contiguous() : at::Tensor(), H, P};
   if (lengths.has_value() && lengths->defined()) {
     FASTNN_CHECK_ARG(lengths->scalar_type() == at::kLong && lengths->dim() == 1 && lengths->size(0) == B &&
                          lengths->device().is_cpu(),
@@ -73,17 +89,19 @@ Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at
 
 const Int8CpuKernels& kernels() { return FASTNN_ISA_SELECT(int8_cpu_kernels); }
 
-// Runs the recurrence; returns output [T, B, H] and fills h (and c) with the final state.
+// Runs the recurrence; returns output [T, B, P] and fills h (and c) with the final state.
 at::Tensor run(const Seq& s, at::Tensor& h, at::Tensor& c) {
-  const int64_t T = s.input.size(0), B = s.input.size(1), I = s.input.size(2), H = s.w_hh.size(1);
-  at::Tensor out = at::zeros({T, B, H}, s.input.options());
+  const int64_t T = s.input.size(0), B = s.input.size(1), I = s.input.size(2);
+  at::Tensor out = at::zeros({T, B, s.P}, s.input.options());
   h = s.h0.clone();
   if (s.lstm) c = s.c0.clone();
-  kernels().recurrence({s.kind, T, B, I, H, s.input.data_ptr<float>(), s.w_ih.data_ptr<int8_t>(),
+  const bool proj = s.w_hr.defined();
+  kernels().recurrence({s.kind, T, B, I, s.H, s.P, s.input.data_ptr<float>(), s.w_ih.data_ptr<int8_t>(),
                         s.s_ih.data_ptr<float>(), s.w_hh.data_ptr<int8_t>(), s.s_hh.data_ptr<float>(),
                         ptr_or_null(s.b_ih), ptr_or_null(s.b_hh),
                         s.lengths.defined() ? s.lengths.data_ptr<int64_t>() : nullptr, s.reverse, s.weight_only,
-                        out.data_ptr<float>(), h.data_ptr<float>(), s.lstm ? c.data_ptr<float>() : nullptr});
+                        out.data_ptr<float>(), h.data_ptr<float>(), s.lstm ? c.data_ptr<float>() : nullptr,
+                        proj ? s.w_hr.data_ptr<int8_t>() : nullptr, proj ? s.s_hr.data_ptr<float>() : nullptr});
   return out;
 }
 
@@ -112,9 +130,9 @@ at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& w_q, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_lstm_seq(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_ih_q,
     const at::Tensor& w_ih_scale, const at::Tensor& w_hh_q, const at::Tensor& w_hh_scale, const Opt& b_ih,
-    const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only) {
+    const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only, const Opt& w_hr_q, const Opt& w_hr_scale) {
   Seq s = check_seq(Kind::LSTM, input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse,
-                    weight_only);
+                    weight_only, w_hr_q, w_hr_scale);
   at::Tensor h, c;
   at::Tensor out = run(s, h, c);
   return {out, h, c};

@@ -51,8 +51,8 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   m.def("int8_linear(Tensor input, Tensor w_q, Tensor w_scale, Tensor? bias, bool weight_only) -> Tensor");
   m.def(
       "int8_lstm_seq(Tensor input, Tensor h0, Tensor c0, Tensor w_ih_q, Tensor w_ih_scale, Tensor w_hh_q, "
-      "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only, "
+      "Tensor? w_hr_q=None, Tensor? w_hr_scale=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "int8_gru_seq(Tensor input, Tensor h0, Tensor w_ih_q, Tensor w_ih_scale, Tensor w_hh_q, "
       "Tensor w_hh_scale, Tensor? b_ih, Tensor? b_hh, Tensor? lengths, bool reverse, bool weight_only) "

@@ -100,20 +100,34 @@ def _validate_seq(kind: str):
     states = ("h0", "c0") if kind == "lstm" else ("h0",)
 
     def validate(a) -> None:
-        tensors = ("input", *states, "w_ih_q", "w_ih_scale", "w_hh_q", "w_hh_scale", "b_ih", "b_hh", "lengths")
+        projection = ("w_hr_q", "w_hr_scale") if kind == "lstm" else ()
+        tensors = ("input", *states, "w_ih_q", "w_ih_scale", "w_hh_q", "w_hh_scale", "b_ih", "b_hh", "lengths",
+                   *projection)
         _no_gpu(a, tensors, op)
         check_tensor(a.input, "input", dim=3, dtypes=_F32, op=op)
         check_tensor(a.w_hh_q, "w_hh_q", dim=2, dtypes=_I8, op=op)
-        H = a.w_hh_q.shape[1]
-        if H == 0 or a.w_hh_q.shape[0] != gates * H:
-            fail("w_hh_q", f"an int8 tensor [{gates}*hidden_size, hidden_size]", a.w_hh_q, op=op)
+        proj = bool(projection) and (a.w_hr_q is not None or a.w_hr_scale is not None)
+        P = a.w_hh_q.shape[1]  # the size of h: hidden_size, or proj_size
+        if proj:
+            if a.w_hr_q is None or a.w_hr_scale is None:
+                missing = "w_hr_q" if a.w_hr_q is None else "w_hr_scale"
+                fail(missing, "a tensor, as w_hr_q and w_hr_scale come together (or both None)", None, op=op)
+            H = a.w_hh_q.shape[0] // gates
+            if P == 0 or H == 0 or a.w_hh_q.shape[0] != gates * H:
+                fail("w_hh_q", f"an int8 tensor [{gates}*hidden_size, proj_size]", a.w_hh_q, op=op)
+            _check_weight(a, "w_hr_q", "w_hr_scale", P, H, op)  # [proj_size, hidden_size]
+        else:
+            H = P
+            if H == 0 or a.w_hh_q.shape[0] != gates * H:
+                fail("w_hh_q", f"an int8 tensor [{gates}*hidden_size, hidden_size]", a.w_hh_q, op=op)
         T, B, I = a.input.shape
         _check_weight(a, "w_ih_q", "w_ih_scale", gates * H, I, op)
-        _check_weight(a, "w_hh_q", "w_hh_scale", gates * H, H, op)
+        _check_weight(a, "w_hh_q", "w_hh_scale", gates * H, P, op)
         for s in states:
+            size = P if s == "h0" else H
             check_tensor(a[s], s, dim=2, dtypes=_F32, op=op)
-            if tuple(a[s].shape) != (B, H):
-                fail(s, f"a float32 tensor of shape [{B}, {H}]", a[s], op=op)
+            if tuple(a[s].shape) != (B, size):
+                fail(s, f"a float32 tensor of shape [{B}, {size}]", a[s], op=op)
         _check_opt_f32(a, "b_ih", (gates * H,), op)
         _check_opt_f32(a, "b_hh", (gates * H,), op)
         if a.lengths is not None:
@@ -193,9 +207,10 @@ def _lstm_reference(**a):
 
 
 @int8_lstm_seq.register("cpu", native="int8_lstm_seq")
-def _lstm_cpu(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only):
+def _lstm_cpu(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh, lengths, reverse, weight_only,
+              w_hr_q=None, w_hr_scale=None):
     return torch.ops.fastnn.int8_lstm_seq(input, h0, c0, w_ih_q, w_ih_scale, w_hh_q, w_hh_scale, b_ih, b_hh,
-                                          lengths, reverse, weight_only)
+                                          lengths, reverse, weight_only, w_hr_q, w_hr_scale)
 
 
 @int8_gru_seq.register("reference")

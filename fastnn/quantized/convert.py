@@ -125,7 +125,7 @@ def quantize_dynamic(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dt
     ``weight_only=True`` keeps activations in fp32 (int8 weights dequantized in the kernel).
 
     A model with nothing to quantize comes back unchanged, with a warning. Layers the kernels do not
-    cover yet (LSTM ``proj_size``, fastnn ``layer_norm``) raise NotImplementedError naming them.
+    cover yet (fastnn's ``layer_norm``) raise NotImplementedError naming them.
     """
     if dtype == torch.float16:
         raise NotImplementedError(f"fastnn: argument 'quantize_dynamic: dtype': expected torch.qint8 "

@@ -207,7 +207,10 @@ class _Recurrent(_Quantized):
                                                         ("weight_hh", "_q"), ("weight_hh", "_scale"),
                                                         ("bias_ih", ""), ("bias_hh", ""))]
         if self._kind == "lstm":
-            return self._run(qops.int8_lstm_seq, x, states[0], states[1], *w, lengths, reverse, self.weight_only)
+            hr = buffers.get(f"weight_hr{sfx}_q")  # an LSTM with proj_size
+            proj = () if hr is None else (hr, buffers[f"weight_hr{sfx}_scale"])
+            return self._run(qops.int8_lstm_seq, x, states[0], states[1], *w, lengths, reverse, self.weight_only,
+                             *proj)
         if self._kind == "gru":
             return self._run(qops.int8_gru_seq, x, states[0], *w, lengths, reverse, self.weight_only)
         return self._run(qops.int8_rnn_seq, x, states[0], *w, lengths, reverse, self.weight_only, self.nonlinearity)
@@ -229,36 +232,46 @@ class _RNNBase(_Recurrent):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  weight_only: bool = False, nonlinearity: str = "tanh"):
         super().__init__()
-        if proj_size:
-            raise NotImplementedError(f"fastnn.quantized.{type(self).__name__}: proj_size={proj_size} is not supported "
-                                      "yet; leave this layer in float (exclude it from qconfig_spec)")
+        name = f"fastnn.quantized.{type(self).__name__}"
+        if proj_size and self._kind != "lstm":  # torch.nn's rules and messages
+            raise ValueError(f"{name}: proj_size argument is only supported for LSTM, not RNN or GRU")
+        if proj_size < 0:
+            raise ValueError(f"{name}: proj_size should be a positive integer or zero to disable projections")
+        if proj_size and proj_size >= hidden_size:
+            raise ValueError(f"{name}: proj_size has to be smaller than hidden_size")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size, self.weight_only = bidirectional, 0, bool(weight_only)
+        self.bidirectional, self.proj_size, self.weight_only = bidirectional, int(proj_size), bool(weight_only)
         self._init_kind(nonlinearity, cell=False)
         G, D = self._gates * hidden_size, 2 if bidirectional else 1
+        P = self._h_size  # the size of h: hidden_size, or proj_size
         names = []
         for layer in range(num_layers):
             for d in range(D):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                in_size = input_size if layer == 0 else hidden_size * D
+                in_size = input_size if layer == 0 else P * D
                 self._set_weight("weight_ih" + sfx, torch.zeros((G, in_size), dtype=torch.int8), torch.ones(G))
-                self._set_weight("weight_hh" + sfx, torch.zeros((G, hidden_size), dtype=torch.int8), torch.ones(G))
+                self._set_weight("weight_hh" + sfx, torch.zeros((G, P), dtype=torch.int8), torch.ones(G))
                 self.register_buffer("bias_ih" + sfx, torch.zeros(G) if bias else None)
                 self.register_buffer("bias_hh" + sfx, torch.zeros(G) if bias else None)
                 names += ["weight_ih" + sfx, "weight_hh" + sfx]
+                if proj_size:  # h = W_hr (o * tanh(c)), no bias, as torch.nn.LSTM(proj_size=...)
+                    self._set_weight("weight_hr" + sfx, torch.zeros((P, hidden_size), dtype=torch.int8),
+                                     torch.ones(P))
+                    names.append("weight_hr" + sfx)
         self._weights = tuple(names)
+
+    @property
+    def _h_size(self) -> int:
+        return self.proj_size or self.hidden_size
 
     @classmethod
     def from_float(cls, mod: nn.RNNBase, weight_only: bool = False) -> "_RNNBase":
         if getattr(mod, "layer_norm", False):
             raise NotImplementedError(f"fastnn.quantized.{cls.__name__}: layer_norm=True is not supported yet; leave "
                                       "this layer in float (exclude it from qconfig_spec)")
-        if getattr(mod, "proj_size", 0):
-            raise NotImplementedError(f"fastnn.quantized.{cls.__name__}: proj_size={mod.proj_size} is not supported "
-                                      "yet; leave this layer in float (exclude it from qconfig_spec)")
         q = cls(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias, mod.batch_first, mod.dropout,
-                mod.bidirectional, 0, weight_only, getattr(mod, "nonlinearity", "tanh"))
+                mod.bidirectional, getattr(mod, "proj_size", 0), weight_only, getattr(mod, "nonlinearity", "tanh"))
         q._float_cls = type(mod)
         if hasattr(mod, "recurrent_dropout"):
             q._float_kwargs["recurrent_dropout"] = mod.recurrent_dropout
@@ -268,14 +281,15 @@ class _RNNBase(_Recurrent):
     def to_float(self) -> nn.RNNBase:
         return self._dequantize_into(self._float_cls(
             self.input_size, self.hidden_size, self.num_layers, bias=self.bias, batch_first=self.batch_first,
-            dropout=self.dropout, bidirectional=self.bidirectional, **self._float_kwargs))
+            dropout=self.dropout, bidirectional=self.bidirectional,
+            **({"proj_size": self.proj_size} if self.proj_size else {}), **self._float_kwargs))
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for k, default in (("nonlinearity", "tanh"), ("bias", True), ("batch_first", False), ("dropout", 0.0),
-                           ("bidirectional", False)):
+                           ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, k) != default:
                 s += f", {k}={getattr(self, k)}"
         return f"{s}, {self._mode()}"
@@ -305,9 +319,9 @@ class _RNNBase(_Recurrent):
         x = _to_fp32(x)
         D = 2 if self.bidirectional else 1
         n_states = 2 if self._kind == "lstm" else 1
+        sizes = (self._h_size, self.hidden_size)[:n_states]  # h, then c (an LSTM's projection makes h smaller)
         if hx is None:  # one zero state for every layer and direction: the ops do not write their inputs
-            zeros = x.new_zeros((B, self.hidden_size))
-            per_layer = [[zeros] * (self.num_layers * D) for _ in range(n_states)]
+            per_layer = [[x.new_zeros((B, size))] * (self.num_layers * D) for size in sizes]
         else:
             states = list(hx) if n_states == 2 else [hx]
             if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
@@ -317,8 +331,8 @@ class _RNNBase(_Recurrent):
                 if any(s.dim() != 2 for s in states):
                     raise RuntimeError(f"{name}: for unbatched 2-D input, hx should also be 2-D")
                 states = [s.unsqueeze(1) for s in states]
-            want = (self.num_layers * D, B, self.hidden_size)
-            for s in states:
+            for s, size in zip(states, sizes):
+                want = (self.num_layers * D, B, size)
                 if tuple(s.shape) != want:
                     raise RuntimeError(f"{name}: Expected hidden size {want}, got {list(s.shape)}")
             per_layer = [list(s.unbind(0)) for s in states]
@@ -360,7 +374,8 @@ _LAYER_DOC = """int8 ``torch.nn.{name}`` for CPU inference, made by :func:`fastn
 
 
 class LSTM(_RNNBase):
-    __doc__ = _LAYER_DOC.format(name="LSTM") + "\n\n    ``proj_size`` is not supported yet."
+    __doc__ = _LAYER_DOC.format(name="LSTM") + ("\n\n    ``proj_size``: ``h = W_hr (o * tanh(c))`` as torch's, "
+                                                "with ``W_hr`` int8 too (``weight_hr_*_q``).")
 
     _kind, _gates = "lstm", 4
 

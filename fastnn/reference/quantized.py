@@ -127,18 +127,21 @@ def _run(step, input: Tensor, states: list[Tensor], lengths: Optional[Tensor], r
 def int8_lstm_seq(input: Tensor, h0: Tensor, c0: Tensor, w_ih_q: Tensor, w_ih_scale: Tensor, w_hh_q: Tensor,
                   w_hh_scale: Tensor, b_ih: Optional[Tensor] = None, b_hh: Optional[Tensor] = None,
                   lengths: Optional[Tensor] = None, reverse: bool = False,
-                  weight_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """One int8 LSTM layer and direction: ``(output [T, B, H], h_n [B, H], c_n [B, H])``, all float32.
+                  weight_only: bool = False, w_hr_q: Optional[Tensor] = None,
+                  w_hr_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One int8 LSTM layer and direction: ``(output [T, B, P], h_n [B, P], c_n [B, H])``, all float32,
+    where ``P`` is the size of ``h``: ``H``, or the projection's size.
 
-    ``input [T, B, I]`` time-major float32; ``h0``, ``c0`` ``[B, H]`` float32; ``w_ih_q [4H, I]`` and
-    ``w_hh_q [4H, H]`` int8 with per-row float32 scales ``[4H]`` (torch.nn.LSTM's layout, gates i, f, g,
-    o); biases ``[4H]`` float32 or None. ``lengths`` (int64 ``[B]``, on the CPU): sequence ``b``
+    ``input [T, B, I]`` time-major float32; ``h0 [B, P]``, ``c0 [B, H]`` float32; ``w_ih_q [4H, I]`` and
+    ``w_hh_q [4H, P]`` int8 with per-row float32 scales ``[4H]`` (torch.nn.LSTM's layout, gates i, f, g,
+    o); biases ``[4H]`` float32 or None. ``w_hr_q [P, H]`` int8 with scales ``w_hr_scale [P]``, or both
+    None: torch.nn.LSTM's ``proj_size``, ``h = W_hr (o * tanh(c))`` (no bias), the product quantized as
+    the others. ``lengths`` (int64 ``[B]``, on the CPU): sequence ``b``
     occupies steps ``0 .. lengths[b]-1``; later steps keep the state and give zeros in ``output``
     (a PackedSequence in padded form); with ``reverse`` its recurrence starts at step
     ``lengths[b]-1``. The input projection of all steps is one int8 GEMM (each ``[B, I]`` row of
-    each step quantized per row); each step's recurrent product quantizes ``h`` per batch row.
-    Gate math and state are float32. No projection (``proj_size``). Inference only."""
-    T, B = input.shape[0], input.shape[1]
+    each step quantized per row); each step's recurrent product quantizes ``h`` per batch row (and
+    the projection ``o * tanh(c)``). Gate math and state are float32. Inference only."""
     gi = int8_linear(input, w_ih_q, w_ih_scale, b_ih, weight_only)
 
     def step(t, states):
@@ -146,7 +149,10 @@ def int8_lstm_seq(input: Tensor, h0: Tensor, c0: Tensor, w_ih_q: Tensor, w_ih_sc
         gates = gi[t] + int8_linear(h, w_hh_q, w_hh_scale, b_hh, weight_only)
         i, f, g, o = gates.chunk(4, -1)
         c2 = f.sigmoid() * c + i.sigmoid() * g.tanh()
-        return [o.sigmoid() * c2.tanh(), c2]
+        h2 = o.sigmoid() * c2.tanh()
+        if w_hr_q is not None:
+            h2 = int8_linear(h2, w_hr_q, w_hr_scale, None, weight_only)
+        return [h2, c2]
 
     out, (hn, cn) = _run(step, input, [h0, c0], lengths, reverse)
     return out, hn, cn

@@ -174,16 +174,41 @@ class Small(nn.Module):
         return self.gru(self.lstm(x)[0])[0]
 
 
-def test_the_default_export_optimizes_the_graph(tmp_path):
-    torch.manual_seed(1)
-    model = Small().eval()
+def _export_small(model, tmp_path):
+    """Exports ``model`` (dynamic sequence and batch), runs it without fastnn on two input shapes and
+    compares every output with the model's."""
     x, x2, lengths = torch.randn(6, 3, F), torch.randn(4, 2, F), torch.ones(3, dtype=torch.int64)
     fastnn.onnx.export(model, (x, lengths), tmp_path / "small.onnx", dynamic_shapes=({0: "seq", 1: "batch"}, None),
                        external_data=False)
-    got, info = _run_without_fastnn(tmp_path / "small.onnx", {"x0": (x, lengths), "x1": (x2, lengths)}, tmp_path)
+    got, _ = _run_without_fastnn(tmp_path / "small.onnx", {"x0": (x, lengths), "x1": (x2, lengths)}, tmp_path)
     for key, xx in (("x0", x), ("x1", x2)):
         with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(got[f"{key}_0"]), model(xx, None), **INT8_TOL)
+            want = model(xx, None)
+        for i, w in enumerate(want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(torch.from_numpy(got[f"{key}_{i}"]), w, **INT8_TOL)
+
+
+def test_the_default_export_optimizes_the_graph(tmp_path):
+    torch.manual_seed(1)
+    _export_small(Small().eval(), tmp_path)
+
+
+class Int8Projection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = fastnn.quantized.LSTM.from_float(nn.LSTM(F, H, proj_size=3, bidirectional=True))
+
+    def forward(self, x, lengths):  # lengths: unused (the runner's two-input convention)
+        out, (h, c) = self.lstm(x)
+        return out, h, c
+
+
+def test_int8_lstm_projection_exports(tmp_path):
+    torch.manual_seed(2)
+    model = Int8Projection().eval()
+    out, h, c = model(torch.randn(2, 1, F), None)
+    assert out.shape[-1] == 6 and h.shape[-1] == 3 and c.shape[-1] == H
+    _export_small(model, tmp_path)
 
 
 def test_the_users_model_is_not_modified(exported):

@@ -71,22 +71,25 @@ def seq_case(draw):
     I, H = draw(st.sampled_from([1, 4, 33])), draw(st.sampled_from([1, 5, 8]))
     G = {"lstm": 4, "gru": 3, "rnn": 1}[kind] * H
     x = _values(draw, (B, T, I), draw(st.booleans())).transpose(0, 1)  # batch-first storage, time-major view
+    # an LSTM's projection: h has P < H units (W_hr [P, H])
+    P = draw(st.integers(1, H - 1)) if kind == "lstm" and H > 1 and draw(st.booleans()) else H
     w_ih, s_ih = ref.quantize_weight(torch.randn(G, I))
-    w_hh, s_hh = ref.quantize_weight(torch.randn(G, H))
+    w_hh, s_hh = ref.quantize_weight(torch.randn(G, P))
+    proj = ref.quantize_weight(torch.randn(P, H)) if P != H else ()
     lengths = None
     if draw(st.booleans()) and B:
         lengths = torch.tensor(draw(st.lists(st.integers(-1, T + 1), min_size=B, max_size=B)), dtype=torch.int64)
-    return kind, x, torch.zeros(B, H), torch.zeros(B, H), (w_ih, s_ih, w_hh, s_hh, torch.randn(G), None), \
-        lengths, draw(st.booleans()), draw(st.booleans())
+    return kind, x, torch.zeros(B, P), torch.zeros(B, H), (w_ih, s_ih, w_hh, s_hh, torch.randn(G), None), \
+        lengths, draw(st.booleans()), draw(st.booleans()), proj
 
 
 @given(seq_case())
 def test_int8_sequences(case):
     needs_cpu_kernels()
-    kind, x, h0, c0, w, lengths, reverse, weight_only = case
+    kind, x, h0, c0, w, lengths, reverse, weight_only, proj = case
     op = {"lstm": qops.int8_lstm_seq, "gru": qops.int8_gru_seq, "rnn": qops.int8_rnn_seq}[kind]
     states = (h0, c0) if kind == "lstm" else (h0,)
-    args = (x, *states, *w, lengths, reverse, weight_only) + (("relu",) if kind == "rnn" else ())
+    args = (x, *states, *w, lengths, reverse, weight_only) + (("relu",) if kind == "rnn" else proj)
     bad = lengths is not None and bool(((lengths < 0) | (lengths > x.shape[0])).any())
     if bad:
         for backend in ("cpu", "reference"):

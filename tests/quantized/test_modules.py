@@ -84,6 +84,39 @@ def test_recurrent_vs_float(backend, cls, extra, opts, weight_only):
         assert got[0].shape == want[0].shape and rel_err(got[0], want[0]) < bound
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, fnn.LSTM])
+@pytest.mark.parametrize("opts", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)])
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_lstm_projection_vs_float(backend, cls, opts, weight_only):
+    """LSTM(proj_size=P): W_hr int8 too; output and h of size P, c of size H; initial states, packed
+    and unbatched input; state_dict, dequantize and repr."""
+    m = cls(12, 24, proj_size=7, **opts)
+    q = quantize_dynamic(m, weight_only=weight_only)
+    assert type(q) is LSTM and q.proj_size == 7 and "proj_size=7" in repr(q)
+    assert q.weight_hr_l0_q.dtype == torch.int8 and q.weight_hr_l0_q.shape == (7, 24)
+    bound = WEIGHT_ONLY_BOUND if weight_only else DYNAMIC_BOUND
+    T, B, D, L = 6, 3, 2 if opts.get("bidirectional") else 1, opts.get("num_layers", 1)
+    first = opts.get("batch_first", False)
+    x = torch.randn(B, T, 12) if first else torch.randn(T, B, 12)
+    hx = (torch.randn(L * D, B, 7) * 0.5, torch.randn(L * D, B, 24) * 0.5)
+    lengths = torch.tensor([2, 6, 4])
+    packed = pack_padded_sequence(x, lengths, batch_first=first, enforce_sorted=False)
+    x1 = x[0] if first else x[:, 0]
+    with torch.no_grad():
+        for args in ((x,), (x, hx), (packed, hx), (x1,), (x1, tuple(h[:, 0] for h in hx))):
+            got, want = q(*args), m(*args)
+            for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+                assert g.shape == w.shape and rel_err(g, w) < bound
+        with pytest.raises(RuntimeError, match="Expected hidden size"):
+            q(x, (hx[1], hx[1]))  # h of the cell's size, not the projection's
+        q2 = quantize_dynamic(cls(12, 24, proj_size=7, **opts), weight_only=weight_only)
+        q2.load_state_dict(q.state_dict())
+        torch.testing.assert_close(q2(x, hx), q(x, hx), rtol=0, atol=0)
+        f = dequantize(q)
+        assert type(f) is cls and f.proj_size == 7
+        assert rel_err(f(x, hx)[0], m(x, hx)[0]) < bound
+
+
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 def test_packed_sequence(backend, cls, enforce_sorted):
@@ -260,8 +293,6 @@ def test_dtype_and_spec_errors():
         quantize_dynamic(m, dtype=torch.quint8)
     with pytest.raises(TypeError, match="qconfig_spec"):
         quantize_dynamic(m, qconfig_spec=nn.Linear)
-    with pytest.raises(NotImplementedError, match="proj_size=2"):
-        quantize_dynamic(nn.LSTM(4, 5, proj_size=2))
     with pytest.raises(NotImplementedError, match="layer_norm"):
         quantize_dynamic(fnn.LSTM(4, 5, layer_norm=True))
 
@@ -410,9 +441,14 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want)
 
 
-def test_torch_export_keeps_the_int8_ops():
+@pytest.mark.parametrize("proj_size", [0, 5])
+def test_torch_export_keeps_the_int8_ops(proj_size):
     needs_cpu_kernels()
-    q = quantize_dynamic(Tagger().eval())
+    model = Tagger().eval()
+    if proj_size:
+        model.lstm = nn.LSTM(6, 16, num_layers=2, batch_first=True, bidirectional=True, proj_size=proj_size)
+        model.head = nn.Linear(2 * proj_size, 3)
+    q = quantize_dynamic(model)
     x = torch.randn(2, 5, 6)
     with torch.no_grad():
         ep = torch.export.export(q, (x,))

@@ -8,7 +8,7 @@ import fastnn.testing as testing
 from fastnn.ops import quantized as qops
 from fastnn.reference import quantized as ref
 
-from .helpers import GATES, lstm_args, needs_cpu_kernels, run_seq, weights
+from .helpers import GATES, lstm_args, needs_cpu_kernels, run_seq, seq_args, weights
 
 VARIANTS = ("default", "avx2", "avx512_vnni", "neon", "neon_dotprod")
 
@@ -85,12 +85,11 @@ def test_variants_agree_bit_for_bit(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True)
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("weight_only", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_sequences_match_reference(variant, kind, weight_only, reverse):
-    gates = GATES[kind]
-    x, h0, c0, w = lstm_args(7, 3, 37, 20, gates)
+    x, h0, c0, w = seq_args(kind, 7, 3, 37, 20)
     lengths = torch.tensor([7, 3, 5])
     for lens in (None, lengths):
         got = run_seq(kind, "cpu", x, h0, c0, w, lens, reverse, weight_only)
@@ -104,16 +103,16 @@ def test_sequences_match_reference(variant, kind, weight_only, reverse):
             assert torch.all(got[0][3:, 1] == 0) and torch.all(got[0][5:, 2] == 0)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn_relu"])
 @pytest.mark.parametrize("weight_only", [False, True])
 def test_sequences_split_over_tasks_match_one_task_and_reference(kind, weight_only):
-    """Large enough for the recurrence to split its hidden units over two tasks that meet at a
-    barrier twice per step (B * gates * H * H >= 32768 multiply-adds per step): the same numbers as
-    one task, and the reference's; with a NaN row (the exact path, per task) and rows that end early."""
+    """Large enough for the recurrence to split its hidden units (and an LSTM's projection outputs)
+    over two tasks that meet at a barrier two (four) times per step (B * gates * H * H >= 32768
+    multiply-adds per step): the same numbers as one task, and the reference's; with a NaN row (the
+    exact path, per task) and rows that end early."""
     needs_cpu_kernels()
-    gates = GATES[kind]
-    H = 68 if gates > 1 else 100  # not a whole number of vectors: each task's last units are scalar
-    x, h0, c0, w = lstm_args(6, 5, 24, H, gates)
+    H = 68 if GATES[kind] > 1 else 100  # not a whole number of vectors: each task's last units are scalar
+    x, h0, c0, w = seq_args(kind, 6, 5, 24, H)
     x[2, 3, 5] = float("nan")
     lengths = torch.tensor([6, 2, 5, 6, 1])
     before = torch.get_num_threads()
@@ -287,6 +286,15 @@ def test_bad_input(backend):
     xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=1)
     with pytest.raises(ValueError, match="'int8_rnn_seq: nonlinearity'"):
         run_seq("rnn_sigmoid", backend, xs, h0, c0, wl)
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 6, proj=4)  # an LSTM's projection: h [B, 4], c [B, 6]
+    with pytest.raises(ValueError, match="'int8_lstm_seq: w_hr_scale'.*come together"):
+        run_seq("lstm", backend, xs, h0, c0, wl[:7])
+    with pytest.raises(ValueError, match=r"'int8_lstm_seq: w_hr_q'.*shape \[4, 6\]"):
+        run_seq("lstm", backend, xs, h0, c0, (*wl[:6], wl[6][:, :5], wl[7]))
+    with pytest.raises(ValueError, match=r"'int8_lstm_seq: h0'.*shape \[2, 4\]"):
+        run_seq("lstm", backend, xs, c0, c0, wl)
+    with pytest.raises(ValueError, match=r"'int8_lstm_seq: w_hr_q'.*shape \[6, 6\]"):
+        run_seq("lstm", backend, xs, h0, c0, lstm_args(4, 2, 5, 6)[3] + wl[6:])  # W_hh [4H, H]: P = H
 
 
 def test_compiled_ops_check_what_memory_safety_needs():
@@ -302,6 +310,13 @@ def test_compiled_ops_check_what_memory_safety_needs():
         torch.ops.fastnn.int8_lstm_seq(xs, h0, c0, *wl, torch.tensor([1, 2, 3]), False, False)
     with pytest.raises(ValueError, match="h0"):
         torch.ops.fastnn.int8_lstm_seq(xs, h0[:, :2], c0, *wl, None, False, False)
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 6, proj=4)
+    with pytest.raises(ValueError, match="w_hr_scale"):
+        torch.ops.fastnn.int8_lstm_seq(xs, h0, c0, *wl[:6], None, False, False, wl[6], None)
+    with pytest.raises(ValueError, match="w_hr_q"):
+        torch.ops.fastnn.int8_lstm_seq(xs, h0, c0, *wl[:6], None, False, False, wl[6][:, :5], wl[7])
+    with pytest.raises(ValueError, match="c0"):
+        torch.ops.fastnn.int8_lstm_seq(xs, h0, h0, *wl[:6], None, False, False, *wl[6:])
 
 
 def test_opcheck():
@@ -311,6 +326,9 @@ def test_opcheck():
     testing.opcheck(torch.ops.fastnn.int8_linear.default, (x, w, s, torch.randn(5), False))
     xs, h0, c0, wl = lstm_args(4, 2, 5, 3)
     testing.opcheck(torch.ops.fastnn.int8_lstm_seq.default, (xs, h0, c0, *wl, torch.tensor([4, 2]), True, False))
+    xs, h0, c0, wl = lstm_args(4, 2, 5, 6, proj=4)
+    testing.opcheck(torch.ops.fastnn.int8_lstm_seq.default,
+                    (xs, h0, c0, *wl[:6], torch.tensor([4, 2]), True, False, *wl[6:]))
     xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=3)
     testing.opcheck(torch.ops.fastnn.int8_gru_seq.default, (xs, h0, *wl, None, False, True))
     xs, h0, c0, wl = lstm_args(4, 2, 5, 3, gates=1)

@@ -14,7 +14,8 @@
 // The recurrence runs as the fp32 packed one does (rnn/step_barrier.h): one parallel region for the
 // whole sequence, each task owning a fixed range of hidden units (their rows of every gate in W_hh,
 // so a task reads the same slice of W_hh every step, from its core's cache), the tasks meeting at a
-// barrier twice per step: once the previous state is quantized, and once the new state is written.
+// barrier twice per step: once the previous state is quantized, and once the new state is written
+// (four times with an LSTM's projection h = W_hr z: also once z is quantized, and once h is written).
 // A fork and join per step instead costs more than the step itself at batch 1, and on a busy
 // machine OpenMP's spinning join made a 64-step batch-1 sequence hundreds of times slower.
 //
@@ -285,89 +286,124 @@ struct Cell<1> {
 
 template <int NG>
 void recurrence_of(const RecurrenceArgs& a) {
-  const int64_t T = a.T, B = a.B, H = a.H, G = NG * H;
+  const int64_t T = a.T, B = a.B, H = a.H, P = a.P, G = NG * H;
+  const bool proj = a.w_hr != nullptr;  // h = W_hr z with z = o * tanh(c): an LSTM's projection
   if (T == 0 || B == 0) return;
   // The input projection of every step at once: one [T*B, I] x [I, G] product.
   std::vector<float> gi((size_t)(T * B * G));
-  Scratch proj;
-  linear_with({a.input, T * B, a.I, a.w_ih, a.s_ih, a.b_ih, G, a.weight_only, gi.data()}, proj);
+  Scratch in_proj;
+  linear_with({a.input, T * B, a.I, a.w_ih, a.s_ih, a.b_ih, G, a.weight_only, gi.data()}, in_proj);
 
-  Scratch s;
-  s.resize(B, H, G, a.weight_only);
+  Scratch s, sz;  // the products' buffers: of h (W_hh) and of z (W_hr)
+  s.resize(B, P, G, a.weight_only);
+  if (proj) sz.resize(B, H, P, a.weight_only);
   std::vector<float> gh((size_t)(B * G));
-  std::vector<float> hbuf((size_t)(2 * B * H));
-  std::copy(a.h, a.h + B * H, hbuf.begin());
+  std::vector<float> hbuf((size_t)(2 * B * P));
+  std::vector<float> zbuf(proj ? (size_t)(B * H) : 0);
+  std::copy(a.h, a.h + B * P, hbuf.begin());
   const bool relu = a.kind == Kind::RNN_RELU;
 
-  // Tasks own blocks of Vec::size() hidden units (whole vectors for the gate math) and rows of the
-  // batch to quantize; small problems run on one task (cpu::packed_tasks).
-  const int64_t threads = rcpu::packed_tasks(B * G * H, at::get_num_threads(), rcpu::available_cores());
-  const int64_t nb = (H + Vec::size() - 1) / Vec::size();
-  const int64_t unit_grain = (nb + threads - 1) / threads;
-  const int64_t row_grain = (B + threads - 1) / threads;
-
-  // Phase 1 of a step, tasks [v0, v1): their rows of the previous state, quantized (or flagged).
-  auto quantize = [&](int64_t v0, int64_t v1, int64_t step) {
-    const float* hp = hbuf.data() + (step % 2) * B * H;
-    prepare_rows(hp, H, a.weight_only, std::min(B, v0 * row_grain), std::min(B, v1 * row_grain), s);
+  // Tasks own blocks of Vec::size() hidden units (whole vectors for the gate math), blocks of the
+  // projection's outputs, and rows of the batch to quantize; small problems run on one task
+  // (cpu::packed_tasks).
+  const int64_t threads =
+      rcpu::packed_tasks(B * G * (P + (proj ? 1 : 0)), at::get_num_threads(), rcpu::available_cores());
+  auto range = [&](int64_t n, int64_t v0, int64_t v1) {  // tasks [v0, v1)'s share of n units, in vectors
+    const int64_t grain = ((n + Vec::size() - 1) / Vec::size() + threads - 1) / threads * Vec::size();
+    return std::make_pair(std::min(n, v0 * grain), std::min(n, v1 * grain));
   };
-  // Phase 2: their hidden units' recurrent products (every gate's rows), then the gate math.
-  auto update = [&](int64_t v0, int64_t v1, int64_t step) {
-    const int64_t j0 = std::min(H, v0 * unit_grain * Vec::size()), j1 = std::min(H, v1 * unit_grain * Vec::size());
+  const int64_t row_grain = (B + threads - 1) / threads;
+  auto live = [&](int64_t b, int64_t t) { return !a.lengths || t < a.lengths[b]; };
+
+  // The phases of step t take tasks [v0, v1), the state before the step hp [B, P] and the one
+  // after it hn [B, P].
+  // Phase 1: their rows of the previous state, quantized (or flagged).
+  auto quantize = [&](int64_t v0, int64_t v1, const float* hp) {
+    prepare_rows(hp, P, a.weight_only, std::min(B, v0 * row_grain), std::min(B, v1 * row_grain), s);
+  };
+  // Phase 2: their hidden units' recurrent products (every gate's rows), then the gate math, which
+  // writes the new h (or, with a projection, z).
+  auto update = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn) {
+    const auto [j0, j1] = range(H, v0, v1);
     if (j0 >= j1) return;
-    const int64_t t = a.reverse ? T - 1 - step : step;
-    const float* hp = hbuf.data() + (step % 2) * B * H;
-    float* hn = hbuf.data() + (1 - step % 2) * B * H;
     for (int g = 0; g < NG; ++g) {
-      // kTileN columns at a time: their W_hh rows (kTileN * H bytes) stay in L1 while every batch
+      // kTileN columns at a time: their W_hh rows (kTileN * P bytes) stay in L1 while every batch
       // row passes; the whole range at once would stream W_hh from L2 once per pair of rows.
       for (int64_t c0 = g * H + j0; c0 < g * H + j1; c0 += kTileN)
-        product_tile(hp, H, a.w_hh, a.s_hh, a.b_hh, G, a.weight_only, 0, B, c0, std::min(c0 + kTileN, g * H + j1),
+        product_tile(hp, P, a.w_hh, a.s_hh, a.b_hh, G, a.weight_only, 0, B, c0, std::min(c0 + kTileN, g * H + j1),
                      gh.data(), s);
       for (int64_t b = 0; b < B; ++b)
-        if (s.exact[b]) exact_cols(hp + b * H, H, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
+        if (s.exact[b]) exact_cols(hp + b * P, P, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
     }
     const float* git = gi.data() + t * B * G;
-    float* ot = a.out + t * B * H;
+    float* ot = a.out + t * B * P;
     for (int64_t b = 0; b < B; ++b) {
-      const float* hpb = hp + b * H;
-      float* hnb = hn + b * H;
-      if (a.lengths && t >= a.lengths[b]) {  // past this sequence's end: state kept, output zero
-        std::copy(hpb + j0, hpb + j1, hnb + j0);
+      const float* hpb = hp + b * P;
+      if (!live(b, t)) {  // past this sequence's end: state kept, output zero
+        if (!proj) std::copy(hpb + j0, hpb + j1, hn + b * H + j0);
         continue;
       }
       const float* x = git + b * G;
       const float* r = gh.data() + b * G;
       float* cb = NG == 4 ? a.c + b * H : nullptr;
-      float* ob = ot + b * H;
+      float* hnb = proj ? zbuf.data() + b * H : hn + b * H;
+      float* ob = proj ? hnb : ot + b * H;
       int64_t j = j0;
       for (; j + Vec::size() <= j1; j += Vec::size()) Cell<NG>::template units<Vec>(x, r, cb, hpb, hnb, ob, j, H, relu);
       for (; j < j1; ++j) Cell<NG>::template units<float>(x, r, cb, hpb, hnb, ob, j, H, relu);
     }
   };
+  // Phase 3 (projection only): their rows of z, quantized (or flagged).
+  auto quantize_z = [&](int64_t v0, int64_t v1) {
+    prepare_rows(zbuf.data(), H, a.weight_only, std::min(B, v0 * row_grain), std::min(B, v1 * row_grain), sz);
+  };
+  // Phase 4 (projection only): their outputs of h = W_hr z, into the state and the output.
+  auto project = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn) {
+    const auto [p0, p1] = range(P, v0, v1);
+    if (p0 >= p1) return;
+    for (int64_t c0 = p0; c0 < p1; c0 += kTileN)
+      product_tile(zbuf.data(), H, a.w_hr, a.s_hr, nullptr, P, a.weight_only, 0, B, c0, std::min(c0 + kTileN, p1),
+                   hn, sz);
+    for (int64_t b = 0; b < B; ++b) {
+      if (!live(b, t)) {
+        std::copy(hp + b * P + p0, hp + b * P + p1, hn + b * P + p0);
+        continue;
+      }
+      if (sz.exact[b]) exact_cols(zbuf.data() + b * H, H, a.w_hr, a.s_hr, nullptr, p0, p1, hn + b * P);
+      std::copy(hn + b * P + p0, hn + b * P + p1, a.out + (t * B + b) * P + p0);
+    }
+  };
+  auto phase = [&](int p, int64_t v0, int64_t v1, int64_t step) {
+    const int64_t t = a.reverse ? T - 1 - step : step;
+    float* hp = hbuf.data() + (step % 2) * B * P;
+    float* hn = hbuf.data() + (1 - step % 2) * B * P;
+    switch (p) {
+      case 0: return quantize(v0, v1, hp);
+      case 1: return update(v0, v1, t, hp, hn);
+      case 2: return quantize_z(v0, v1);
+      default: return project(v0, v1, t, hp, hn);
+    }
+  };
+  const int phases = proj ? 4 : 2;
 
   if (threads == 1) {
-    for (int64_t step = 0; step < T; ++step) {
-      quantize(0, 1, step);
-      update(0, 1, step);
-    }
+    for (int64_t step = 0; step < T; ++step)
+      for (int p = 0; p < phases; ++p) phase(p, 0, 1, step);
   } else if (rcpu::kTasksRunConcurrently) {
     rcpu::StepBarrier barrier(threads);
     at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) {
-      for (int64_t step = 0; step < T; ++step) {
-        quantize(v0, v1, step);
-        barrier.arrive_and_wait(v1 - v0, 2 * step + 1);
-        update(v0, v1, step);
-        barrier.arrive_and_wait(v1 - v0, 2 * step + 2);
-      }
+      for (int64_t step = 0; step < T; ++step)
+        for (int p = 0; p < phases; ++p) {
+          phase(p, v0, v1, step);
+          barrier.arrive_and_wait(v1 - v0, phases * step + p + 1);
+        }
     });
   } else {
-    for (int64_t step = 0; step < T; ++step) {
-      at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) { quantize(v0, v1, step); });
-      at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) { update(v0, v1, step); });
-    }
+    for (int64_t step = 0; step < T; ++step)
+      for (int p = 0; p < phases; ++p)
+        at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) { phase(p, v0, v1, step); });
   }
-  std::copy(hbuf.begin() + (T % 2) * B * H, hbuf.begin() + (T % 2 + 1) * B * H, a.h);
+  std::copy(hbuf.begin() + (T % 2) * B * P, hbuf.begin() + (T % 2 + 1) * B * P, a.h);
 }
 
 void recurrence(const RecurrenceArgs& a) {
