@@ -8,7 +8,8 @@
 //   - the packed recurrent forward's blocks (csrc/rnn/isa/packed_block.h: dot_rows, sum_each,
 //     block_products);
 //   - the int8 MoE experts' vector helpers (csrc/quantized/isa/qmoe_vec.cpp, linked beside this
-//     file): gated activations and per-row int8 quantization.
+//     file): gated activations and per-row int8 quantization; and the int8 Linear's per-row
+//     quantization (csrc/quantized/isa/quantize_row.h).
 // torch's headers are used header-only (C++20, as they require); no libtorch is linked.
 // scripts/check_microkernels.sh builds and runs it. Exit status 0 when all match, 1 otherwise.
 #include <cmath>
@@ -19,6 +20,7 @@
 
 #include "optim/math.h"
 #include "rnn/isa/cpu_step.h"
+#include "quantized/isa/quantize_row.h"
 #include "quantized/qmoe_vec.h"
 #include "rnn/isa/packed_block.h"
 
@@ -280,6 +282,64 @@ int packed_cases(Rng& rng) {
   return cases + 1;
 }
 
+// Row kinds for the quantization tests: 0 zeros, 1 a NaN, 2 uniform in [-3, 3], 3 an inf, 4 past
+// int8_cpu's exact-row limit (1e33).
+std::vector<float> row_of_kind(Rng& rng, int64_t n, int kind) {
+  auto x = rng.vec(n, -3, 3);
+  if (kind == 0) x.assign(n, 0.f);
+  if (kind == 1) x[n / 2] = std::numeric_limits<float>::quiet_NaN();
+  if (kind == 3) x[n - 1] = -std::numeric_limits<float>::infinity();
+  if (kind == 4) x[0] = 1e33f;
+  return x;
+}
+
+float abs_max(const std::vector<float>& x) {
+  float amax = 0.f;
+  for (float v : x) amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+  return amax;
+}
+
+// A quantized row: the scale as expected (NaN matches NaN); q[k] = x[k] / scale clamped to
+// [-127, 127], rounded half to even, or all zeros when the scale is not positive and finite;
+// q[n] (one past the row) untouched.
+void check_quantized(const std::string& name, const std::vector<float>& x, const std::vector<int8_t>& q, float scale,
+                     float expected) {
+  const int64_t n = int64_t(x.size());
+  const bool usable = expected > 0.f && expected < std::numeric_limits<float>::infinity();
+  bool ok = (std::isnan(expected) ? std::isnan(scale) : scale == expected) && q[n] == 99;
+  for (int64_t k = 0; k < n && ok; ++k) {
+    float t = usable ? x[k] / expected : 0.f;
+    t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
+    // ties to even: adding 1.5 * 2^23 leaves an integer in float's last bit, rounded to nearest even
+    ok = q[k] == int8_t((t + 12582912.f) - 12582912.f);
+  }
+  if (!ok && ++g_failures <= 50) std::printf("MISMATCH %s: scale %.9g (expected %.9g) or q\n", name.c_str(), scale, expected);
+}
+
+// The int8 Linear's per-row quantization (csrc/quantized/isa/quantize_row.h): rows past the limit,
+// or with NaN or inf, are refused (false, zeros, scale 0). Returns the number of cases.
+int int8_row_cases(Rng& rng) {
+  using namespace fastnn::quantized::rowq;
+  const int64_t W = Vectorized<float>::size();
+  int cases = 0;
+  for (int64_t n : {int64_t(1), W - 1, W, 2 * W + 3, int64_t(37)})
+    for (int kind = 0; kind < 5; ++kind, ++cases) {
+      const auto x = row_of_kind(rng, n, kind);
+      std::vector<int8_t> q(n + 1, 99);
+      float scale = -1.f;
+      const float limit = 1e30f, amax = abs_max(x);
+      const bool kept = quantize_row(x.data(), n, limit, q.data(), &scale);
+      const bool refuse = kind == 1 || kind == 3 || kind == 4;
+      const std::string name = "int8 quantize_row n=" + std::to_string(n) + " kind=" + std::to_string(kind);
+      if (kept == refuse && ++g_failures <= 50) std::printf("MISMATCH %s: returned %d\n", name.c_str(), int(kept));
+      const float got_amax = row_amax(x.data(), n);
+      if (!((kind == 1 || kind == 3) ? std::isnan(got_amax) : got_amax == amax) && ++g_failures <= 50)
+        std::printf("MISMATCH %s: row_amax %.9g, expected %.9g\n", name.c_str(), got_amax, amax);
+      check_quantized(name, x, q, scale, refuse ? 0.f : (amax == 0.f ? 1.f : amax / 127.f));
+    }
+  return cases;
+}
+
 // The int8 MoE experts' vector helpers (csrc/quantized/isa/qmoe_vec.cpp): the gated activations
 // and the per-row int8 quantization, on widths around one vector. Returns the number of cases.
 int moe_vec_cases(Rng& rng) {
@@ -305,26 +365,15 @@ int moe_vec_cases(Rng& rng) {
       check("moe gated act=" + std::to_string(int(act)) + " n=" + std::to_string(n), h.data(), ref, 1e-5);
       ++cases;
     }
-    // A zero row, a row with NaN, then ordinary rows: q exact (x / scale, clamped, ties to even).
+    // A zero row, a row with NaN, then an ordinary one: scale NaN and zeros for the NaN row.
     for (int kind = 0; kind < 3; ++kind, ++cases) {
-      auto x = rng.vec(n, -3, 3);
-      if (kind == 0) x.assign(n, 0.f);
-      if (kind == 1) x[n / 2] = kNaN;
+      const auto x = row_of_kind(rng, n, kind);
       std::vector<int8_t> q(n + 1, 99);
       float scale = -1.f;
       kern.quantize_row(x.data(), n, q.data(), &scale);
-      float amax = 0.f;
-      for (float v : x) amax = std::fabs(v) > amax ? std::fabs(v) : amax;
-      const float s = kind == 1 ? kNaN : (amax == 0.f ? 1.f : amax / 127.f);
-      const std::string name = "moe quantize_row n=" + std::to_string(n) + " kind=" + std::to_string(kind);
-      bool ok = (std::isnan(s) ? std::isnan(scale) : scale == s) && q[n] == 99;
-      for (int64_t k = 0; k < n && ok; ++k) {
-        float t = kind == 1 ? 0.f : x[k] / s;
-        t = t < -127.f ? -127.f : (t > 127.f ? 127.f : t);
-        // ties to even: adding 1.5 * 2^23 leaves an integer in float's last bit, rounded to nearest even
-        ok = q[k] == int8_t((t + 12582912.f) - 12582912.f);
-      }
-      if (!ok && ++g_failures <= 50) std::printf("MISMATCH %s: scale %.9g (expected %.9g) or q\n", name.c_str(), scale, s);
+      const float amax = abs_max(x);
+      check_quantized("moe quantize_row n=" + std::to_string(n) + " kind=" + std::to_string(kind), x, q, scale,
+                      kind == 1 ? kNaN : (amax == 0.f ? 1.f : amax / 127.f));
     }
   }
   return cases;
@@ -341,9 +390,9 @@ int main() {
       for (bool go : {false, true}) backward_case(cell, H, go, rng), ++cases;
     }
   optim_case(rng);
-  const int packed = packed_cases(rng), moe = moe_vec_cases(rng);
+  const int packed = packed_cases(rng), moe = moe_vec_cases(rng), rows = int8_row_cases(rng);
   std::printf("%s: %d failure(s); %d recurrent-step cases, 6 optimizer cases, %d packed-block cases, %d int8 MoE "
-              "vector cases; at::vec float width %d\n",
-              g_failures ? "FAILED" : "passed", g_failures, cases, packed, moe, int(Vectorized<float>::size()));
+              "vector cases, %d int8 row-quantization cases; at::vec float width %d\n",
+              g_failures ? "FAILED" : "passed", g_failures, cases, packed, moe, rows, int(Vectorized<float>::size()));
   return g_failures ? 1 : 0;
 }

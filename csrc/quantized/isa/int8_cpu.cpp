@@ -31,6 +31,7 @@
 
 #include "cpu_isa.h"
 #include "quantized/int8_cpu.h"
+#include "quantized/isa/quantize_row.h"
 #include "quantized/qgemm.h"
 #include "rnn/isa/step_barrier.h"
 
@@ -46,59 +47,13 @@ namespace rcpu = ::fastnn::rnn::FASTNN_ISA_NS::cpu;
 #else
 namespace rcpu = ::fastnn::rnn::cpu;
 #endif
-constexpr float kQmax = 127.f;
+using rowq::quantize_row;
+using rowq::row_amax;
 constexpr int64_t kTileN = 64;  // output columns per parallel task of a Linear
 
 // Rows with a larger max|x| are computed exactly; see the header comment.
 float exact_row_limit(int64_t K) {
   return std::numeric_limits<float>::max() / (128.f * static_cast<float>(std::max<int64_t>(K, 1)));
-}
-
-// max|x| over one row, or NaN when the row holds NaN or inf (x * 0 is NaN exactly for those).
-float row_amax(const float* x, int64_t K) {
-  Vec vmax(0.f), vbad(0.f);
-  int64_t k = 0;
-  for (; k + Vec::size() <= K; k += Vec::size()) {
-    const Vec v = Vec::loadu(x + k);
-    vmax = at::vec::maximum(vmax, v.abs());
-    vbad = vbad + v * Vec(0.f);
-  }
-  float lanes_max[Vec::size()], lanes_bad[Vec::size()];
-  vmax.store(lanes_max);
-  vbad.store(lanes_bad);
-  float amax = 0.f, bad = 0.f;
-  for (int64_t l = 0; l < Vec::size(); ++l) {
-    amax = std::max(amax, lanes_max[l]);
-    bad += lanes_bad[l];
-  }
-  for (; k < K; ++k) {
-    amax = std::max(amax, std::fabs(x[k]));
-    bad += x[k] * 0.f;
-  }
-  return bad == 0.f ? amax : std::numeric_limits<float>::quiet_NaN();
-}
-
-// Quantizes one row; returns false (q zeros) when the row is to be computed exactly instead.
-bool quantize_row(const float* x, int64_t K, float limit, int8_t* q, float* scale) {
-  const float amax = row_amax(x, K);
-  if (!(amax <= limit)) {  // NaN compares false
-    std::fill(q, q + K, int8_t(0));
-    *scale = 0.f;
-    return false;
-  }
-  float s = amax / kQmax;
-  if (s == 0.f) s = 1.f;  // an all-zero row, or one so small that amax / 127 underflows
-  // x / s (not x * (1/s), which rounds differently), rounded half to even as torch.round
-  const Vec vs(s), lo(-kQmax), hi(kQmax);
-  float lanes[Vec::size()];
-  int64_t k = 0;
-  for (; k + Vec::size() <= K; k += Vec::size()) {
-    at::vec::clamp((Vec::loadu(x + k) / vs).round(), lo, hi).store(lanes);
-    for (int64_t l = 0; l < Vec::size(); ++l) q[k + l] = static_cast<int8_t>(lanes[l]);
-  }
-  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::min(kQmax, std::max(-kQmax, std::nearbyint(x[k] / s))));
-  *scale = s;
-  return true;
 }
 
 // y[n] for n in [n0, n1) of one row, in fp64 from the fp32 input and the dequantized weights,
