@@ -17,15 +17,17 @@
 #               header-only use of torch's include folder (C++20), no libtorch linked. Built when
 #               `$PYTHON -c "import torch"` works.
 #
-#   x86emu      tests/cpp/emu/*_emu.cpp: freestanding programs (no OS, no libc; tests/cpp/emu/emu_rt.h)
-#               run by scripts/emulate_x86.py on Bochs's Tiger Lake model (AVX-512 F/BW/DQ/VL + VNNI),
-#               through the PyPI package bochscpu-python: qgemm_emu (the avx512_vnni int8 kernels), and
-#               vec_test itself built with setup.py's avx512 variant flags (at::vec 16-float vectors),
-#               linked with tests/cpp/emu/hosted_shim.cpp (printf, new, exp/tanh ... without libc).
-#               Then the same program on Skylake-X (AVX-512 without VNNI) must say the CPU lacks VNNI,
-#               and, told to run anyway, stop with #UD: the emulated model really gates the
-#               instructions, so the passing run executed them. Needs `$PYTHON -c "import bochscpu"`
-#               (else exit 3, saying so); `all` skips it then.
+#   x86emu      the x86-64 AVX-512 code, as freestanding programs (no OS, no libc: tests/cpp/emu/)
+#               run by scripts/emulate_x86.py on Bochs's Tiger Lake model (AVX-512 F/BW/DQ/VL + VNNI)
+#               through the PyPI package bochscpu-python:
+#               - qgemm_emu: the avx512_vnni int8 kernels on qgemm_test's cases. It also runs on
+#                 Skylake-X (AVX-512 without VNNI), where it must report the missing VNNI and, told to
+#                 run anyway, stop with #UD: the emulated model really gates the instructions, so the
+#                 passing run executed them. And a run past its --timeout must be stopped (exit 124).
+#               - vec_test itself, built with setup.py's avx512 variant flags (at::vec 16-float
+#                 vectors) and tests/cpp/emu/hosted_shim.cpp (printf, new, exp/tanh/erf without libc).
+#               Needs `$PYTHON scripts/emulate_x86.py --check` to pass (bochscpu-python installed);
+#               otherwise exit 3, saying so; `all` skips it then.
 #
 # The AArch64 part needs aarch64-linux-gnu-g++ (Debian: g++-aarch64-linux-gnu) and qemu-aarch64
 # (Debian: qemu-user). When they are missing: as root with CI=true they are apt-get installed;
@@ -186,8 +188,17 @@ run_x86emu() {
     exit 1
   fi
   "${EMU[@]}" --cpu corei7_skylake_x --guest-arg 1 --expect-fault 6 "$bin"
+  log "x86emu: a run past its time limit must be stopped (exit 124), not hang"
+  local rc=0
+  "$PYTHON" scripts/emulate_x86.py --timeout 0.5 "$bin" || rc=$?
+  if [ "$rc" != 124 ]; then
+    echo "check_microkernels: emulate_x86.py --timeout 0.5 returned $rc, not 124" >&2
+    exit 1
+  fi
   # torch's headers need exceptions and RTTI to compile; nothing in the tested code throws.
-  local flags=()
+  # -Wno-uninitialized: GCC 12's _mm512_reduce_add_ps (avx512fintrin.h) warns about its own
+  # deliberately undefined register (`__Y = __Y`).
+  local flags=(-Wno-uninitialized)
   for f in "${EMU_FLAGS[@]}"; do
     case "$f" in -fno-exceptions | -fno-rtti) ;; *) flags+=("$f") ;; esac
   done

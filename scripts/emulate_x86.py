@@ -70,15 +70,20 @@ def _import_bochscpu():
         ctypes.CDLL(None).__isoc23_strtoull  # glibc >= 2.38 has them
     except AttributeError:
         shim = os.path.join(tempfile.gettempdir(), f"fastnn_isoc23_shim_{os.getuid()}.so")
-        if not os.path.exists(shim):
-            src = shim[:-3] + ".c"
-            with open(src, "w") as f:
+        if not os.path.exists(shim):  # built once per user; concurrent builders each use their own files
+            tmp = f"{shim}.{os.getpid()}"
+            with open(tmp + ".c", "w") as f:
                 f.write(_SHIM_C)
             cc = os.environ.get("CC", "cc")
-            r = subprocess.run([cc, "-shared", "-fPIC", "-O2", src, "-o", shim + ".tmp"], capture_output=True, text=True)
+            try:
+                r = subprocess.run([cc, "-shared", "-fPIC", "-O2", tmp + ".c", "-o", tmp], capture_output=True, text=True)
+            except OSError as e:
+                raise ImportError(f"building the glibc shim for bochscpu needs a C compiler ({cc}): {e}") from e
+            finally:
+                os.unlink(tmp + ".c")
             if r.returncode != 0:
                 raise ImportError(f"building the glibc shim for bochscpu failed: {r.stderr.strip()}")
-            os.replace(shim + ".tmp", shim)
+            os.replace(tmp, shim)
         ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
     import bochscpu  # noqa: F401
     import bochscpu.cpu
@@ -89,6 +94,11 @@ def _import_bochscpu():
 def _set_model(bochscpu, name):
     """Selects Bochs's CPU model `name` for the CPUs created after this call."""
     lib = ctypes.CDLL(bochscpu._bochscpu.__file__)
+    try:
+        lib.sim_get_param_enum, lib._ZN14bx_param_num_c9set_rangeEmm  # noqa: B018
+    except AttributeError as e:
+        raise RuntimeError(f"this bochscpu build does not export Bochs's parameter API ({e}): cannot choose the "
+                           "CPU model") from e
     lib.sim_get_param_enum.restype = ctypes.c_void_p
     lib.sim_get_param_enum.argtypes = [ctypes.c_char_p]
     param = lib.sim_get_param_enum(b"cpu.model")
