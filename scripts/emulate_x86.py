@@ -8,8 +8,9 @@ executes and is checked, not only compiled.
 PROGRAM is a static ELF built with tests/cpp/emu/emu.ld and emu_rt.h: no OS, no libc. Its
 PT_LOAD segments are mapped at their addresses (identity-mapped, 4 KiB pages), the CPU starts at
 the ELF entry in 64-bit ring 0 with SSE/AVX/AVX-512 state enabled (CR4.OSFXSR/OSXSAVE,
-XCR0 = x87|SSE|AVX|opmask|ZMM), and the program ends with `hlt`, leaving its exit status in eax
-and its log (text) at rdi, rsi bytes long; the log is printed and the status becomes ours.
+XCR0 = x87|SSE|AVX|opmask|ZMM), and the program ends with `hlt`, leaving its exit status in eax.
+Its log (text, at the image's first address: a 64-bit length, then the bytes) is printed when it
+stops, however it stops, and the status becomes ours.
 --guest-arg N is in rdi at entry (emu::arg() in the program).
 
 Any CPU exception (#UD for an instruction the model lacks, #GP, #PF, ...) stops the run: the
@@ -47,6 +48,7 @@ BOCHS_MODELS = [
 
 PAGE = 4096
 PML4_GPA = 0x4000_0000  # page tables live above the program (which links at 4 MiB)
+LOG_ADDR, LOG_MAX = 0x40_0000, 64 * 1024 - 8  # emu.ld / emu_rt.cpp: the log's place and size
 EXIT_NO_BOCHS, EXIT_TIMEOUT = 3, 124
 FAULT_BASE = 64  # the child's exit status for CPU exception v is FAULT_BASE + v (v < 32)
 
@@ -196,14 +198,18 @@ def emulate(path, model, guest_arg=0):
     hook.exception = on_exception
     sess.run([hook])
     st = sess.cpu.state
+    length = min(struct.unpack("<Q", bytes(mem.virt_read(PML4_GPA, LOG_ADDR, 8)))[0], LOG_MAX)
+    if length:
+        sys.stdout.write(bytes(mem.virt_read(PML4_GPA, LOG_ADDR + 8, length)).decode("utf-8", "replace"))
     if "fault" in stop:
         vector, error_code, rip = stop["fault"]
         names = {0: "#DE", 6: "#UD (an instruction this CPU model lacks)", 13: "#GP", 14: "#PF", 17: "#AC", 19: "#XM"}
         print(f"emulate_x86: CPU exception {vector} {names.get(vector, '')} near rip={rip:#x} "
               f"(error code {error_code:#x}, cr2={st.cr2:#x}) on model {model}")
         return FAULT_BASE + vector
-    log = bytes(mem.virt_read(PML4_GPA, st.rdi, st.rsi)) if st.rsi else b""
-    sys.stdout.write(log.decode("utf-8", "replace"))
+    if "hlt" not in stop:
+        print(f"emulate_x86: the emulation stopped at rip={st.rip:#x} without hlt or an exception")
+        return 1
     return 1 if st.rax & 0xFFFF_FFFF else 0
 
 
@@ -232,6 +238,9 @@ def main():
         except ImportError as e:
             print(f"emulate_x86: bochscpu-python is not usable ({e}); pip install bochscpu-python", flush=True)
             status = EXIT_NO_BOCHS
+        except Exception as e:  # noqa: BLE001 - reported, then the exit below (not the crashing teardown)
+            print(f"emulate_x86: could not run {args.program}: {type(e).__name__}: {e}", flush=True)
+            status = 1
         sys.stdout.flush()
         os._exit(status)  # skips bochscpu's teardown, which crashes at interpreter exit
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--cpu", args.cpu, "--guest-arg", str(args.guest_arg),

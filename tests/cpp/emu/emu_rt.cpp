@@ -37,9 +37,13 @@ size_t strlen(const char* s) {
 
 namespace {
 
-constexpr size_t kLogSize = 64 * 1024, kArenaSize = 8 << 20, kStackSize = 256 * 1024;
-char g_log[kLogSize];
-size_t g_log_len = 0;
+constexpr size_t kLogSize = 64 * 1024 - 8, kArenaSize = 8 << 20, kStackSize = 256 * 1024;
+// At the image's first address (emu.ld): the length, then the text (scripts/emulate_x86.py reads it).
+struct Log {
+  uint64_t len;
+  char text[kLogSize];
+};
+__attribute__((section(".emu_log"), used)) Log g_log = {0, {}};
 alignas(64) unsigned char g_arena[kArenaSize];
 size_t g_arena_used = 0;
 
@@ -57,25 +61,16 @@ int emu_start_c(uint64_t arg) {
   for (Ctor* c = __init_array_start; c != __init_array_end; ++c) (*c)();
   return emu_main();
 }
-const char* emu_log_data() { return g_log; }
-size_t emu_log_size() { return g_log_len; }
 }
 
 // _start: stack at the top of emu_stack (16-byte aligned before the call, as the ABI wants), the
-// harness's argument (rdi at entry) passed on, then hlt with eax = status, rdi = log, rsi = length.
+// harness's argument (rdi at entry) passed on, then hlt with eax = the status.
 asm(R"(
   .section .text.emu_start, "ax"
   .globl _start
 _start:
   lea emu_stack+262144(%rip), %rsp
   call emu_start_c
-  mov %eax, %ebx
-  call emu_log_data
-  mov %rax, %r12
-  call emu_log_size
-  mov %rax, %rsi
-  mov %r12, %rdi
-  mov %ebx, %eax
 1:
   hlt
   jmp 1b
@@ -88,7 +83,7 @@ namespace emu {
 uint64_t arg() { return emu_guest_arg; }
 
 void put(const char* s) {
-  while (*s && g_log_len < kLogSize) g_log[g_log_len++] = *s++;
+  while (*s && g_log.len < kLogSize) g_log.text[g_log.len++] = *s++;
 }
 
 void put_int(int64_t v) {

@@ -3,8 +3,9 @@
 // allocator, CPUID, and the memcpy/memset/memmove/memcmp that compilers emit calls to.
 //
 // A program defines `int emu_main()` and returns its exit status (0: passed). _start sets up the
-// stack, runs static constructors, calls emu_main and stops with `hlt`, leaving the status in eax
-// and the log's address and length in rdi and rsi, where the harness reads them.
+// stack, runs static constructors, calls emu_main and stops with `hlt`, leaving the status in eax.
+// The log lies at the image's first address (emu.ld), where the harness reads it when the program
+// stops, also on a CPU exception.
 #pragma once
 
 #include <stddef.h>
