@@ -16,6 +16,7 @@
 // so a task reads the same slice of W_hh every step, from its core's cache), the tasks meeting at a
 // barrier twice per step: once the previous state is quantized, and once the new state is written
 // (four times with an LSTM's projection h = W_hr z: also once z is quantized, and once h is written).
+// At small batches every task quantizes the whole state itself and the first barrier goes.
 // A fork and join per step instead costs more than the step itself at batch 1, and on a busy
 // machine OpenMP's spinning join made a 64-step batch-1 sequence hundreds of times slower.
 //
@@ -50,6 +51,7 @@ namespace rcpu = ::fastnn::rnn::cpu;
 constexpr float kQmax = 127.f;
 constexpr int64_t kTileN = 64;  // output columns per parallel task of a Linear
 constexpr int64_t kTileM = 16;  // rows per int8 kernel call (its int32 sums: 4 KB)
+constexpr int64_t kLocalQuantize = 2048;  // see recurrence_of
 
 // Rows with a larger max|x| are computed exactly; see the header comment.
 float exact_row_limit(int64_t K) {
@@ -142,7 +144,7 @@ void prepare_rows(const float* x, int64_t K, bool weight_only, int64_t m0, int64
 // Columns [n0, n1) of rows [m0, m1) of y = x w^T (scaled, + bias), rows prepared by prepare_rows.
 // Rows flagged exact are left for exact_cols.
 void product_tile(const float* x, int64_t K, const int8_t* w, const float* w_scale, const float* bias, int64_t N,
-                  bool weight_only, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y, Scratch& s) {
+                  bool weight_only, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y, const Scratch& s) {
   const Kernels& kern = active_kernels();
   if (weight_only) {
     kern.f32s8(x + m0 * K, K, w, K, y + m0 * N, N, m1 - m0, n0, n1, K);
@@ -325,6 +327,13 @@ void recurrence_of(const RecurrenceArgs& a) {
   };
   const int64_t row_grain = (B + threads - 1) / threads;
   auto live = [&](int64_t b, int64_t t) { return !a.lengths || t < a.lengths[b]; };
+  // With few values to quantize per step (batch 1 to ~8), every task quantizes all rows itself, into
+  // its own buffers, and goes straight on to its products: the duplicated work (B * P values) costs
+  // less than the barrier it saves, one of two per product (a batch-1 step takes microseconds).
+  const bool local = threads > 1 && B * std::max(P, H) <= kLocalQuantize;
+  std::vector<Scratch> own(local ? threads : 0), own_z(local && proj ? threads : 0);
+  for (Scratch& o : own) o.resize(B, P, a.weight_only);
+  for (Scratch& o : own_z) o.resize(B, H, a.weight_only);
 
   // The phases of step t take tasks [v0, v1), the state before the step hp [B, P] and the one
   // after it hn [B, P].
@@ -334,7 +343,7 @@ void recurrence_of(const RecurrenceArgs& a) {
   };
   // Phase 2: their hidden units' recurrent products (every gate's rows), then the gate math, which
   // writes the new h (or, with a projection, z).
-  auto update = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn) {
+  auto update = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn, const Scratch& hs) {
     const auto [j0, j1] = range(H, v0, v1);
     if (j0 >= j1) return;
     for (int g = 0; g < NG; ++g) {
@@ -342,9 +351,9 @@ void recurrence_of(const RecurrenceArgs& a) {
       // row passes; the whole range at once would stream W_hh from L2 once per pair of rows.
       for (int64_t c0 = g * H + j0; c0 < g * H + j1; c0 += kTileN)
         product_tile(hp, P, a.w_hh, a.s_hh, a.b_hh, G, a.weight_only, 0, B, c0, std::min(c0 + kTileN, g * H + j1),
-                     gh.data(), s);
+                     gh.data(), hs);
       for (int64_t b = 0; b < B; ++b)
-        if (s.exact[b]) exact_cols(hp + b * P, P, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
+        if (hs.exact[b]) exact_cols(hp + b * P, P, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
     }
     const float* git = gi.get() + t * B * G;
     float* ot = a.out + t * B * P;
@@ -369,18 +378,18 @@ void recurrence_of(const RecurrenceArgs& a) {
     prepare_rows(zbuf.data(), H, a.weight_only, std::min(B, v0 * row_grain), std::min(B, v1 * row_grain), sz);
   };
   // Phase 4 (projection only): their outputs of h = W_hr z, into the state and the output.
-  auto project = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn) {
+  auto project = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn, const Scratch& zs) {
     const auto [p0, p1] = range(P, v0, v1);
     if (p0 >= p1) return;
     for (int64_t c0 = p0; c0 < p1; c0 += kTileN)
       product_tile(zbuf.data(), H, a.w_hr, a.s_hr, nullptr, P, a.weight_only, 0, B, c0, std::min(c0 + kTileN, p1),
-                   hn, sz);
+                   hn, zs);
     for (int64_t b = 0; b < B; ++b) {
       if (!live(b, t)) {
         std::copy(hp + b * P + p0, hp + b * P + p1, hn + b * P + p0);
         continue;
       }
-      if (sz.exact[b]) exact_cols(zbuf.data() + b * H, H, a.w_hr, a.s_hr, nullptr, p0, p1, hn + b * P);
+      if (zs.exact[b]) exact_cols(zbuf.data() + b * H, H, a.w_hr, a.s_hr, nullptr, p0, p1, hn + b * P);
       std::copy(hn + b * P + p0, hn + b * P + p1, a.out + (t * B + b) * P + p0);
     }
   };
@@ -388,14 +397,22 @@ void recurrence_of(const RecurrenceArgs& a) {
     const int64_t t = a.reverse ? T - 1 - step : step;
     float* hp = hbuf.data() + (step % 2) * B * P;
     float* hn = hbuf.data() + (1 - step % 2) * B * P;
+    if (local) {  // quantize every row, then the products: two phases with a projection, else one
+      if (p == 0) {
+        prepare_rows(hp, P, a.weight_only, 0, B, own[v0]);
+        return update(v0, v1, t, hp, hn, own[v0]);
+      }
+      prepare_rows(zbuf.data(), H, a.weight_only, 0, B, own_z[v0]);
+      return project(v0, v1, t, hp, hn, own_z[v0]);
+    }
     switch (p) {
       case 0: return quantize(v0, v1, hp);
-      case 1: return update(v0, v1, t, hp, hn);
+      case 1: return update(v0, v1, t, hp, hn, s);
       case 2: return quantize_z(v0, v1);
-      default: return project(v0, v1, t, hp, hn);
+      default: return project(v0, v1, t, hp, hn, sz);
     }
   };
-  const int phases = proj ? 4 : 2;
+  const int phases = (proj ? 2 : 1) * (local ? 1 : 2);
 
   if (threads == 1) {
     for (int64_t step = 0; step < T; ++step)
