@@ -105,16 +105,18 @@ def test_sequences_match_reference(variant, kind, weight_only, reverse):
 
 @pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "gru", "rnn_relu"])
 @pytest.mark.parametrize("weight_only", [False, True])
-def test_sequences_split_over_tasks_match_one_task_and_reference(kind, weight_only):
+@pytest.mark.parametrize("B", [5, 40])
+def test_sequences_split_over_tasks_match_one_task_and_reference(kind, weight_only, B):
     """Large enough for the recurrence to split its hidden units (and an LSTM's projection outputs)
-    over two tasks that meet at a barrier two (four) times per step (B * gates * H * H >= 32768
-    multiply-adds per step): the same numbers as one task, and the reference's; with a NaN row (the
-    exact path, per task) and rows that end early."""
+    over two tasks (B * gates * H * H >= 32768 multiply-adds per step): the same numbers as one task,
+    and the reference's; with a NaN row (the exact path, per task) and rows that end early. B = 5:
+    each task quantizes the whole state itself (one barrier per product); B = 40 (B * H > 2048): the
+    tasks quantize a share of the rows each and meet at a second barrier."""
     needs_cpu_kernels()
     H = 68 if GATES[kind] > 1 else 100  # not a whole number of vectors: each task's last units are scalar
-    x, h0, c0, w = seq_args(kind, 6, 5, 24, H)
+    x, h0, c0, w = seq_args(kind, 6, B, 24, H)
     x[2, 3, 5] = float("nan")
-    lengths = torch.tensor([6, 2, 5, 6, 1])
+    lengths = torch.tensor([6, 2, 5, 6, 1] * (B // 5))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

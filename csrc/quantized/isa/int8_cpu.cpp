@@ -16,6 +16,7 @@
 // so a task reads the same slice of W_hh every step, from its core's cache), the tasks meeting at a
 // barrier twice per step: once the previous state is quantized, and once the new state is written
 // (four times with an LSTM's projection h = W_hr z: also once z is quantized, and once h is written).
+// At small batches every task quantizes the whole state itself and the first barrier goes.
 // A fork and join per step instead costs more than the step itself at batch 1, and on a busy
 // machine OpenMP's spinning join made a 64-step batch-1 sequence hundreds of times slower.
 //
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -50,6 +52,8 @@ namespace rcpu = ::fastnn::rnn::cpu;
 using rowq::quantize_row;
 using rowq::row_amax;
 constexpr int64_t kTileN = 64;  // output columns per parallel task of a Linear
+constexpr int64_t kTileM = 16;  // rows per int8 kernel call (its int32 sums: 4 KB)
+constexpr int64_t kLocalQuantize = 2048;  // see recurrence_of
 
 // Rows with a larger max|x| are computed exactly; see the header comment.
 float exact_row_limit(int64_t K) {
@@ -73,15 +77,13 @@ void exact_cols(const float* x, int64_t K, const int8_t* w, const float* w_scale
 struct Scratch {
   std::vector<int8_t> xq;
   std::vector<float> xs;
-  std::vector<int32_t> acc;
   std::vector<uint8_t> exact;  // per row: computed by exact_cols (not vector<bool>: written in parallel)
 
-  void resize(int64_t M, int64_t K, int64_t N, bool weight_only) {
+  void resize(int64_t M, int64_t K, bool weight_only) {
     exact.assign(M, 0);
     if (!weight_only) {
       xq.resize(M * K);
       xs.resize(M);
-      acc.resize(M * N);
     }
   }
 };
@@ -97,7 +99,7 @@ void prepare_rows(const float* x, int64_t K, bool weight_only, int64_t m0, int64
 // Columns [n0, n1) of rows [m0, m1) of y = x w^T (scaled, + bias), rows prepared by prepare_rows.
 // Rows flagged exact are left for exact_cols.
 void product_tile(const float* x, int64_t K, const int8_t* w, const float* w_scale, const float* bias, int64_t N,
-                  bool weight_only, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y, Scratch& s) {
+                  bool weight_only, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* y, const Scratch& s) {
   const Kernels& kern = active_kernels();
   if (weight_only) {
     kern.f32s8(x + m0 * K, K, w, K, y + m0 * N, N, m1 - m0, n0, n1, K);
@@ -111,16 +113,27 @@ void product_tile(const float* x, int64_t K, const int8_t* w, const float* w_sca
     }
     return;
   }
-  int32_t* acc = s.acc.data();
-  kern.s8s8(s.xq.data() + m0 * K, K, w, K, acc + m0 * N, N, m1 - m0, n0, n1, K);
-  for (int64_t m = m0; m < m1; ++m) {
-    const float xs = s.xs[m];
-    const int32_t* ar = acc + m * N;
-    float* yr = y + m * N;
-    if (bias) {
-      for (int64_t n = n0; n < n1; ++n) yr[n] = static_cast<float>(ar[n]) * xs * w_scale[n] + bias[n];
-    } else {
-      for (int64_t n = n0; n < n1; ++n) yr[n] = static_cast<float>(ar[n]) * xs * w_scale[n];
+  // The int32 sums of kTileM rows x kTileN columns at a time, in a block that stays in L1: one
+  // [M, N] int32 array would be written, then read back, through memory (13 MB for the input
+  // projection of a 100-step batch-32 LSTM).
+  alignas(64) int32_t acc[kTileM * kTileN];
+  for (int64_t mb = m0; mb < m1; mb += kTileM) {
+    const int64_t me = std::min(m1, mb + kTileM);
+    for (int64_t nb = n0; nb < n1; nb += kTileN) {
+      const int64_t nn = std::min(n1, nb + kTileN) - nb;
+      kern.s8s8(s.xq.data() + mb * K, K, w + nb * K, K, acc, kTileN, me - mb, 0, nn, K);
+      for (int64_t m = mb; m < me; ++m) {
+        const float xs = s.xs[m];
+        const int32_t* ar = acc + (m - mb) * kTileN;
+        const float* ws = w_scale + nb;
+        float* yr = y + m * N + nb;
+        if (bias) {
+          const float* br = bias + nb;
+          for (int64_t n = 0; n < nn; ++n) yr[n] = static_cast<float>(ar[n]) * xs * ws[n] + br[n];
+        } else {
+          for (int64_t n = 0; n < nn; ++n) yr[n] = static_cast<float>(ar[n]) * xs * ws[n];
+        }
+      }
     }
   }
 }
@@ -128,7 +141,7 @@ void product_tile(const float* x, int64_t K, const int8_t* w, const float* w_sca
 void linear_with(const LinearArgs& a, Scratch& s) {
   const int64_t M = a.M, K = a.K, N = a.N;
   if (M == 0 || N == 0) return;
-  s.resize(M, K, N, a.weight_only);
+  s.resize(M, K, a.weight_only);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
                    [&](int64_t m0, int64_t m1) { prepare_rows(a.x, K, a.weight_only, m0, m1, s); });
   // Tasks: blocks of rows x blocks of kTileN columns, so that batch 1 still spreads over the threads.
@@ -245,13 +258,13 @@ void recurrence_of(const RecurrenceArgs& a) {
   const bool proj = a.w_hr != nullptr;  // h = W_hr z with z = o * tanh(c): an LSTM's projection
   if (T == 0 || B == 0) return;
   // The input projection of every step at once: one [T*B, I] x [I, G] product.
-  std::vector<float> gi((size_t)(T * B * G));
+  std::unique_ptr<float[]> gi(new float[T * B * G]);  // every element is written: no zero fill
   Scratch in_proj;
-  linear_with({a.input, T * B, a.I, a.w_ih, a.s_ih, a.b_ih, G, a.weight_only, gi.data()}, in_proj);
+  linear_with({a.input, T * B, a.I, a.w_ih, a.s_ih, a.b_ih, G, a.weight_only, gi.get()}, in_proj);
 
   Scratch s, sz;  // the products' buffers: of h (W_hh) and of z (W_hr)
-  s.resize(B, P, G, a.weight_only);
-  if (proj) sz.resize(B, H, P, a.weight_only);
+  s.resize(B, P, a.weight_only);
+  if (proj) sz.resize(B, H, a.weight_only);
   std::vector<float> gh((size_t)(B * G));
   std::vector<float> hbuf((size_t)(2 * B * P));
   std::vector<float> zbuf(proj ? (size_t)(B * H) : 0);
@@ -269,6 +282,13 @@ void recurrence_of(const RecurrenceArgs& a) {
   };
   const int64_t row_grain = (B + threads - 1) / threads;
   auto live = [&](int64_t b, int64_t t) { return !a.lengths || t < a.lengths[b]; };
+  // With few values to quantize per step (batch 1 to ~8), every task quantizes all rows itself, into
+  // its own buffers, and goes straight on to its products: the duplicated work (B * P values) costs
+  // less than the barrier it saves, one of two per product (a batch-1 step takes microseconds).
+  const bool local = threads > 1 && B * std::max(P, H) <= kLocalQuantize;
+  std::vector<Scratch> own(local ? threads : 0), own_z(local && proj ? threads : 0);
+  for (Scratch& o : own) o.resize(B, P, a.weight_only);
+  for (Scratch& o : own_z) o.resize(B, H, a.weight_only);
 
   // The phases of step t take tasks [v0, v1), the state before the step hp [B, P] and the one
   // after it hn [B, P].
@@ -278,7 +298,7 @@ void recurrence_of(const RecurrenceArgs& a) {
   };
   // Phase 2: their hidden units' recurrent products (every gate's rows), then the gate math, which
   // writes the new h (or, with a projection, z).
-  auto update = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn) {
+  auto update = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn, const Scratch& hs) {
     const auto [j0, j1] = range(H, v0, v1);
     if (j0 >= j1) return;
     for (int g = 0; g < NG; ++g) {
@@ -286,11 +306,11 @@ void recurrence_of(const RecurrenceArgs& a) {
       // row passes; the whole range at once would stream W_hh from L2 once per pair of rows.
       for (int64_t c0 = g * H + j0; c0 < g * H + j1; c0 += kTileN)
         product_tile(hp, P, a.w_hh, a.s_hh, a.b_hh, G, a.weight_only, 0, B, c0, std::min(c0 + kTileN, g * H + j1),
-                     gh.data(), s);
+                     gh.data(), hs);
       for (int64_t b = 0; b < B; ++b)
-        if (s.exact[b]) exact_cols(hp + b * P, P, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
+        if (hs.exact[b]) exact_cols(hp + b * P, P, a.w_hh, a.s_hh, a.b_hh, g * H + j0, g * H + j1, gh.data() + b * G);
     }
-    const float* git = gi.data() + t * B * G;
+    const float* git = gi.get() + t * B * G;
     float* ot = a.out + t * B * P;
     for (int64_t b = 0; b < B; ++b) {
       const float* hpb = hp + b * P;
@@ -313,18 +333,18 @@ void recurrence_of(const RecurrenceArgs& a) {
     prepare_rows(zbuf.data(), H, a.weight_only, std::min(B, v0 * row_grain), std::min(B, v1 * row_grain), sz);
   };
   // Phase 4 (projection only): their outputs of h = W_hr z, into the state and the output.
-  auto project = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn) {
+  auto project = [&](int64_t v0, int64_t v1, int64_t t, const float* hp, float* hn, const Scratch& zs) {
     const auto [p0, p1] = range(P, v0, v1);
     if (p0 >= p1) return;
     for (int64_t c0 = p0; c0 < p1; c0 += kTileN)
       product_tile(zbuf.data(), H, a.w_hr, a.s_hr, nullptr, P, a.weight_only, 0, B, c0, std::min(c0 + kTileN, p1),
-                   hn, sz);
+                   hn, zs);
     for (int64_t b = 0; b < B; ++b) {
       if (!live(b, t)) {
         std::copy(hp + b * P + p0, hp + b * P + p1, hn + b * P + p0);
         continue;
       }
-      if (sz.exact[b]) exact_cols(zbuf.data() + b * H, H, a.w_hr, a.s_hr, nullptr, p0, p1, hn + b * P);
+      if (zs.exact[b]) exact_cols(zbuf.data() + b * H, H, a.w_hr, a.s_hr, nullptr, p0, p1, hn + b * P);
       std::copy(hn + b * P + p0, hn + b * P + p1, a.out + (t * B + b) * P + p0);
     }
   };
@@ -332,14 +352,22 @@ void recurrence_of(const RecurrenceArgs& a) {
     const int64_t t = a.reverse ? T - 1 - step : step;
     float* hp = hbuf.data() + (step % 2) * B * P;
     float* hn = hbuf.data() + (1 - step % 2) * B * P;
+    if (local) {  // quantize every row, then the products: two phases with a projection, else one
+      if (p == 0) {
+        prepare_rows(hp, P, a.weight_only, 0, B, own[v0]);
+        return update(v0, v1, t, hp, hn, own[v0]);
+      }
+      prepare_rows(zbuf.data(), H, a.weight_only, 0, B, own_z[v0]);
+      return project(v0, v1, t, hp, hn, own_z[v0]);
+    }
     switch (p) {
       case 0: return quantize(v0, v1, hp);
-      case 1: return update(v0, v1, t, hp, hn);
+      case 1: return update(v0, v1, t, hp, hn, s);
       case 2: return quantize_z(v0, v1);
-      default: return project(v0, v1, t, hp, hn);
+      default: return project(v0, v1, t, hp, hn, sz);
     }
   };
-  const int phases = proj ? 4 : 2;
+  const int phases = (proj ? 2 : 1) * (local ? 1 : 2);
 
   if (threads == 1) {
     for (int64_t step = 0; step < T; ++step)
