@@ -128,6 +128,29 @@ def test_cpu_sequence_split_over_threads(kind, shape, cfg):
         testing.assert_close(a, e, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(7, 1, 8, 100), (5, 4, 8, 100)], ids=lambda s: "T%dB%dI%dH%d" % s)
+def test_cpu_sequence_finishes_on_one_task_as_on_two(kind, shape, monkeypatch):
+    """On a busy machine the tasks of the split recurrence agree to let one of them finish the
+    sequence alone (a thread whose core another process holds would make every step wait for the
+    scheduler). FASTNN_LOCKSTEP_SOLO_FROM=g forces that from generation g: bit-identical results."""
+    args = make_args(kind, *shape, dtype=torch.float32, lengths=True)
+    w = 3 if kind == "lstm" else 2
+    args[w], args[w + 1] = args[w] / shape[3] ** 0.5, args[w + 1] / shape[3] ** 0.5
+    testing.backend_or_skip(seq_op(kind), "cpu", *args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with backends.force("cpu"):
+            both = seq_op(kind)(*args)
+            for g in ("0", "3"):
+                monkeypatch.setenv("FASTNN_LOCKSTEP_SOLO_FROM", g)
+                for a, e in zip(seq_op(kind)(*args), both):
+                    assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _backward_args(kind, args, cell=False):
     """(op, ref, full argument list) of the backward op for forward ``args``."""
     fwd = ref_fn(kind)(*args)
