@@ -12,7 +12,11 @@ The baseline, fastnn and the other candidates of a case are timed in alternating
 run (A B C, A B C, ...), never one after the other: drift of a shared machine (another process,
 clock changes, thermal state) then hits every candidate alike, where timing A fully and then B
 would charge the drift to whichever ran during it. ``Timer`` measures one candidate at a time, so
-each round calls it once per candidate with that round's share of the budget.
+each round calls it once per candidate with that round's share of the budget. On the CPU each
+candidate's round starts after a pause of ``SETTLE_S`` (at most the round's budget): runtimes keep their threads spinning for a
+while after a call (onnxruntime's pool for tens of milliseconds, OpenMP's for less), and those
+threads would take the cores of the candidate timed next (onnxruntime's made fastnn's next few
+batch-1 LSTM calls up to twenty times slower).
 
 Every function returns milliseconds per call. :func:`summarize` reduces samples to the median and
 the spread (quartiles, min and max) that ``fastnn-bench`` stores and draws as error bars.
@@ -29,6 +33,7 @@ import torch
 __all__ = ["time_ms", "time_pair", "summarize"]
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+SETTLE_S = 0.2  # CPU: the pause before each candidate's round (see the module docstring)
 
 
 def _cuda_events_ms(fn: Callable[[], Any], reps: int) -> list[float]:
@@ -97,5 +102,7 @@ def time_pair(fns: dict[str, Callable[[], Any]], device: torch.device, *, rounds
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(1, rounds)):
         for name, fn in fns.items():
+            if device.type == "cpu":  # (no longer than the round itself: quick runs stay quick)
+                time.sleep(min(SETTLE_S, budget_s / max(1, rounds)))
             samples[name] += time_ms(fn, device, reps=reps, budget_s=budget_s / max(1, rounds), clock=clock)
     return {k: summarize(v) for k, v in samples.items()}

@@ -165,6 +165,28 @@ def test_cells_vs_float(backend, cls):
     assert type(dequantize(q)) is cls
 
 
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_cell_fast_path_matches_the_general_path(cls):
+    """A float32 CPU batch with its state goes straight to the kernel (_fast_step); a list state (LSTM)
+    or a float64 state (GRU, RNN) takes the general path: the same numbers, and the same errors."""
+    needs_cpu_kernels()
+    q = quantize_dynamic(cls(12, 20))
+    x, h, c = torch.randn(3, 12), torch.randn(3, 20), torch.randn(3, 20)
+    with torch.no_grad():
+        if cls is nn.LSTMCell:
+            assert q._fast_step(x, (h, c)) is not None
+            for a, b in zip(q(x, (h, c)), q(x, [h, c])):
+                assert torch.equal(a, b)
+        else:
+            assert q._fast_step(x, h) is not None
+            assert torch.equal(q(x, h), q(x, h.double()))
+        bad = (h[:, :5], c) if cls is nn.LSTMCell else h[:, :5]
+        with pytest.raises(ValueError, match="'h0'.*shape \\[3, 20\\]"):  # the general path's check
+            q(x, bad)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(x.requires_grad_(), (h, c) if cls is nn.LSTMCell else h)
+
+
 def test_fastnn_layers_are_quantized_and_restored(backend):
     model = nn.ModuleDict({"lstm": fnn.LSTM(6, 10, batch_first=True), "gru": fnn.GRU(10, 4, batch_first=True)})
     q = quantize_dynamic(model)

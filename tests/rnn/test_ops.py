@@ -1,6 +1,7 @@
 """fastnn.ops.{lstm,gru,rnn}_seq and lstm_cell/gru_cell against fastnn.reference.rnn, on every backend:
 forward outputs and workspace, the hand-written backward ops, opcheck, gradcheck and bad input."""
 
+import contextlib
 import pytest
 import torch
 
@@ -111,21 +112,46 @@ def test_cpu_sequence_split_over_threads(kind, shape, cfg):
     for it: these shapes) and runs every step in one parallel region; batch 1 takes its dot-product
     kernel, and one or two input rows their projection as split matrix-vector products. Forward
     results against the reference, with two threads."""
+    args = _split_args(kind, shape, **cfg)
+    with _two_threads(), backends.force("cpu"):
+        got = seq_op(kind)(*args)
+    for a, e in zip(got, ref_fn(kind)(*args)):
+        testing.assert_close(a, e, dtype=torch.float32)
+
+
+def _split_args(kind, shape, **cfg):
+    """make_args, with weights at torch's scale (~1/sqrt(H)): make_args's would make a plain RNN of
+    this width explode, and compare float32 rounding instead of kernels."""
     args = make_args(kind, *shape, dtype=torch.float32, **cfg)
-    # weights at torch's scale (~1/sqrt(H)): make_args's would make a plain RNN of this width
-    # explode, and compare float32 rounding instead of kernels
     w = 3 if kind == "lstm" else 2
     args[w], args[w + 1] = args[w] / shape[3] ** 0.5, args[w + 1] / shape[3] ** 0.5
     testing.backend_or_skip(seq_op(kind), "cpu", *args)
+    return args
+
+
+@contextlib.contextmanager
+def _two_threads():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with backends.force("cpu"):
-            got = seq_op(kind)(*args)
+        yield
     finally:
         torch.set_num_threads(threads)
-    for a, e in zip(got, ref_fn(kind)(*args)):
-        testing.assert_close(a, e, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(7, 1, 8, 100), (5, 4, 8, 100)], ids=lambda s: "T%dB%dI%dH%d" % s)
+def test_cpu_sequence_finishes_on_one_task_as_on_two(kind, shape, monkeypatch):
+    """On a busy machine the tasks of the split recurrence agree to let one of them finish the
+    sequence alone (a thread whose core another process holds would make every step wait for the
+    scheduler). FASTNN_LOCKSTEP_SOLO_FROM=g forces that from generation g: bit-identical results."""
+    args = _split_args(kind, shape, lengths=True)
+    with _two_threads(), backends.force("cpu"):
+        both = seq_op(kind)(*args)
+        for g in ("0", "3"):
+            monkeypatch.setenv("FASTNN_LOCKSTEP_SOLO_FROM", g)
+            for a, e in zip(seq_op(kind)(*args), both):
+                assert torch.equal(a, e)
 
 
 def _backward_args(kind, args, cell=False):

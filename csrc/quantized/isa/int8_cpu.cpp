@@ -369,23 +369,8 @@ void recurrence_of(const RecurrenceArgs& a) {
   };
   const int phases = (proj ? 2 : 1) * (local ? 1 : 2);
 
-  if (threads == 1) {
-    for (int64_t step = 0; step < T; ++step)
-      for (int p = 0; p < phases; ++p) phase(p, 0, 1, step);
-  } else if (rcpu::kTasksRunConcurrently) {
-    rcpu::StepBarrier barrier(threads);
-    at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) {
-      for (int64_t step = 0; step < T; ++step)
-        for (int p = 0; p < phases; ++p) {
-          phase(p, v0, v1, step);
-          barrier.arrive_and_wait(v1 - v0, phases * step + p + 1);
-        }
-    });
-  } else {
-    for (int64_t step = 0; step < T; ++step)
-      for (int p = 0; p < phases; ++p)
-        at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) { phase(p, v0, v1, step); });
-  }
+  rcpu::run_in_lockstep(threads, T * phases,
+                        [&](int64_t v0, int64_t v1, int64_t g) { phase(g % phases, v0, v1, g / phases); });
   std::copy(hbuf.begin() + (T % 2) * B * P, hbuf.begin() + (T % 2 + 1) * B * P, a.h);
 }
 

@@ -119,24 +119,7 @@ void packed_forward(const PackedForward& f) {
       for (int64_t b = 0; b < B; ++b) forward_block<float>(s, b, j0, j0 + width);
     }
   };
-  if (threads == 1) {
-    for (int64_t step = 0; step < T; ++step) one_step(0, 1, step);
-  } else if (cpu::kTasksRunConcurrently) {
-    // One parallel region for the whole sequence, the tasks meeting at a barrier after every step
-    // (the next step reads every task's part of h_new and overwrites h_prev): a fork and a join
-    // per step would cost about a tenth of a batch-1 step.
-    cpu::StepBarrier barrier(threads);
-    at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) {
-      for (int64_t step = 0; step < T; ++step) {
-        one_step(v0, v1, step);
-        barrier.arrive_and_wait(v1 - v0, step + 1);
-      }
-    });
-  } else {
-    for (int64_t step = 0; step < T; ++step) {
-      at::parallel_for(0, threads, 1, [&](int64_t v0, int64_t v1) { one_step(v0, v1, step); });
-    }
-  }
+  cpu::run_in_lockstep(threads, T, one_step);  // the next step reads every task's part of h_new
   const int64_t cur = T % 2;
   std::copy(hbuf.begin() + cur * B * H, hbuf.begin() + (cur + 1) * B * H, f.h);
 }

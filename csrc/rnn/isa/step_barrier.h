@@ -1,6 +1,7 @@
-// Synchronisation of the packed CPU recurrence (packed_cpu.cpp): how many tasks it runs, and the
-// barrier they meet at after every step. Compiled into each instruction-set variant's namespace
-// (cpu_isa.h), as everything the isa/ sources define.
+// Synchronisation of the CPU recurrences (packed_cpu.cpp, quantized/isa/int8_cpu.cpp): how many
+// tasks they run, the barrier the tasks meet at after every step, and the loop that runs them in
+// lockstep. Compiled into each instruction-set variant's namespace (cpu_isa.h), as everything the
+// isa/ sources define.
 #pragma once
 
 #include <ATen/Config.h>
@@ -8,7 +9,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -82,8 +85,14 @@ constexpr bool kTasksRunConcurrently = AT_PARALLEL_OPENMP;
 // not be running, does not lose that thread's core to the spinning.
 class StepBarrier {
  public:
+  using Clock = std::chrono::steady_clock;
+
   explicit StepBarrier(int64_t n) : n_(n) {}
-  void arrive_and_wait(int64_t tasks, int64_t generation) {
+
+  // `worked`: how long this task's own share of the step took. A waiter that had to sleep and
+  // waited more than twice that (and over 100 us) proposes that one task finish the sequence alone
+  // from generation + 1 on (solo_from): see run_in_lockstep.
+  void arrive_and_wait(int64_t tasks, int64_t generation, Clock::duration worked = {}) {
     const int64_t target = n_ * generation;
     if (arrived_.fetch_add(tasks) + tasks >= target) {
       if (sleepers_.load() > 0) {
@@ -92,16 +101,31 @@ class StepBarrier {
       }
       return;
     }
+    const Clock::time_point start = Clock::now();
     for (int spin = 0; spin < kSpins; ++spin) {
       if (arrived_.load(std::memory_order_acquire) >= target) return;
 #if defined(__x86_64__) || defined(_M_X64)
       _mm_pause();
 #endif
     }
-    std::unique_lock<std::mutex> lock(mutex_);
-    sleepers_.fetch_add(1);  // before the check in wait(): an arrival after it sees a sleeper
-    opened_.wait(lock, [&] { return arrived_.load() >= target; });
-    sleepers_.fetch_sub(1);
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      sleepers_.fetch_add(1);  // before the check in wait(): an arrival after it sees a sleeper
+      opened_.wait(lock, [&] { return arrived_.load() >= target; });
+      sleepers_.fetch_sub(1);
+    }
+    const Clock::duration waited = Clock::now() - start;
+    if (waited > 2 * worked && waited > std::chrono::microseconds(100)) propose_solo(generation + 1);
+  }
+
+  // Whether generation g runs on one task. Every proposal for g is made before the barrier that
+  // opens g (generation g's tasks all passed it), so every task gives the same answer.
+  bool solo(int64_t g) const { return solo_from_.load() <= g; }
+
+  void propose_solo(int64_t g) {
+    int64_t cur = solo_from_.load();
+    while (g < cur && !solo_from_.compare_exchange_weak(cur, g)) {
+    }
   }
 
  private:
@@ -109,9 +133,52 @@ class StepBarrier {
   const int64_t n_;
   std::atomic<int64_t> arrived_{0};
   std::atomic<int64_t> sleepers_{0};
+  std::atomic<int64_t> solo_from_{std::numeric_limits<int64_t>::max()};
   std::mutex mutex_;
   std::condition_variable opened_;
 };
+
+// Test knob: FASTNN_LOCKSTEP_SOLO_FROM=g makes run_in_lockstep go solo from generation g, so that
+// tests can run that path deterministically (a busy machine triggers it only by chance).
+inline int64_t forced_solo_from() {
+  const char* v = std::getenv("FASTNN_LOCKSTEP_SOLO_FROM");
+  return v && *v ? std::strtoll(v, nullptr, 10) : std::numeric_limits<int64_t>::max();
+}
+
+// Runs work(v0, v1, g) for g = 0 .. generations - 1, g + 1 after every task's g, on `tasks` tasks
+// (work(v0, v1, g) does the share of tasks [v0, v1); (0, tasks) is all of it). With OpenMP, one
+// parallel region for the whole sequence, the tasks meeting at a StepBarrier: a fork and join per
+// step would cost about a tenth of a batch-1 step. On a busy machine a task's thread may not be
+// running (another process has its core), and every step would then wait for the scheduler, each
+// costing milliseconds instead of microseconds. So when a waiter finds the others much slower than
+// itself (StepBarrier::arrive_and_wait), the tasks agree at the next barrier that task 0 does the
+// rest of the sequence alone, and the others leave.
+template <typename Work>
+void run_in_lockstep(int64_t tasks, int64_t generations, const Work& work) {
+  if (tasks == 1) {
+    for (int64_t g = 0; g < generations; ++g) work(0, 1, g);
+    return;
+  }
+  if (!kTasksRunConcurrently) {  // ATen's own pool may run the tasks one after another: a fork per step
+    for (int64_t g = 0; g < generations; ++g)
+      at::parallel_for(0, tasks, 1, [&](int64_t v0, int64_t v1) { work(v0, v1, g); });
+    return;
+  }
+  StepBarrier barrier(tasks);
+  barrier.propose_solo(forced_solo_from());
+  at::parallel_for(0, tasks, 1, [&](int64_t v0, int64_t v1) {
+    for (int64_t g = 0; g < generations; ++g) {
+      if (barrier.solo(g)) {
+        if (v0 == 0)
+          for (; g < generations; ++g) work(0, tasks, g);
+        return;
+      }
+      const StepBarrier::Clock::time_point start = StepBarrier::Clock::now();
+      work(v0, v1, g);
+      barrier.arrive_and_wait(v1 - v0, g + 1, StepBarrier::Clock::now() - start);
+    }
+  });
+}
 
 }  // namespace cpu
 FASTNN_ISA_END
