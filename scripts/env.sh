@@ -51,14 +51,18 @@ fi
 packages="numpy:numpy pybind11:pybind11 ninja:ninja setuptools:setuptools wheel:wheel pytest:pytest hypothesis:hypothesis"
 case ${FASTNN_PACKAGES:-all} in
   all) packages="$packages pytest_benchmark:pytest-benchmark matplotlib:matplotlib sklearn:scikit-learn \
-                 transformers:transformers statsmodels:statsmodels onnx:onnx onnxruntime:onnxruntime onnxscript:onnxscript" ;;
+                 transformers:transformers statsmodels:statsmodels onnx:onnx onnxruntime:onnxruntime onnxscript:onnxscript"
+    # the AVX-512 emulation test (scripts/emulate_x86.py, Bochs); its wheels exist for x86-64 only
+    if [ "$(uname -m)" = x86_64 ]; then packages="$packages bochscpu:bochscpu-python"; fi ;;
   minimal) ;;
   *) log "FASTNN_PACKAGES must be all or minimal, got ${FASTNN_PACKAGES}"; exit 2 ;;
 esac
 missing=()
 for pair in $packages; do
   mod=${pair%%:*}; pkg=${pair#*:}
-  "$PY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
+  # found, not imported: bochscpu's wheel needs a newer glibc to import (emulate_x86.py supplies it)
+  "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$mod') is None)" 2>/dev/null ||
+    missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
