@@ -3,8 +3,11 @@
 // (csrc/quantized/qgemm_avx2.cpp) at the shapes the int8 layers use. One thread; pin it to a
 // quiet core. Build and run from the repository root:
 //
-//   g++ -O3 -funroll-loops -mavx2 -mfma -std=c++17 -Icsrc bench/micro/int8_rate.cpp \
-//       csrc/quantized/qgemm_*.cpp -o /tmp/int8_rate && taskset -c 1 /tmp/int8_rate
+//   g++ -O3 -std=c++17 -Icsrc bench/micro/int8_rate.cpp csrc/quantized/qgemm_*.cpp \
+//       -o /tmp/int8_rate && taskset -c 1 /tmp/int8_rate
+//
+// No -mavx2: the library compiles the int8 kernels portable, with target attributes, and GCC's
+// code for them differs with the flags (here -mavx2 made the kernel ~20% slower).
 //
 // (qgemm_select.cpp, which needs libtorch, is not used: compile every other qgemm_*.cpp.)
 #include <immintrin.h>
@@ -30,7 +33,7 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 #define KEEP8(r) __asm__ volatile("" : "+x"(r[0]), "+x"(r[1]), "+x"(r[2]), "+x"(r[3]), "+x"(r[4]), "+x"(r[5]), \
                                   "+x"(r[6]), "+x"(r[7]))
 
-void instruction_rates() {
+__attribute__((target("avx2,fma"))) void instruction_rates() {
   __m256i acc[8], x[4];
   for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_epi32(i);
   for (int i = 0; i < 4; ++i) x[i] = _mm256_set1_epi8(static_cast<char>(i + 1));
