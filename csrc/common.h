@@ -24,4 +24,12 @@ inline std::string describe(const at::Tensor& t) {
   return s;
 }
 
+// A CPU kernel reads its tensors' memory: every tensor argument must be a CPU tensor (one on the
+// meta device, or on a GPU, can reach a CPU registration when the other arguments are CPU tensors).
+inline void check_cpu(std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  for (const auto& a : args)
+    if (a.second->defined())
+      FASTNN_CHECK_ARG(a.second->device().is_cpu(), a.first, "a CPU tensor", describe(*a.second));
+}
+
 }  // namespace fastnn

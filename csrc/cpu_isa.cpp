@@ -10,7 +10,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -52,7 +54,8 @@ const std::vector<Level>& levels() {
   return all;
 }
 
-const Level* by_name(const std::string& name) {
+const Level* by_name(std::string name) {
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
   const std::vector<Level>& all = levels();
   if (name == "auto" || name.empty()) return &all.back();
   for (const Level& l : all)
@@ -91,6 +94,21 @@ const Level& set_level(const char* name) {
   return *l;
 }
 
+std::string exchange_level(const char* name) {
+  const Level* before = g_active.load(std::memory_order_acquire);
+  std::string previous = "auto";
+  if (before != nullptr) {
+    previous = before->name;
+  } else {
+    try {
+      previous = active_level().name;
+    } catch (const c10::Error&) {  // a bad FASTNN_CPU_ISA: the level asked for now replaces it
+    }
+  }
+  set_level(name);
+  return previous;
+}
+
 Fp32 fp32_variant() { return active_level().fp32; }
 
 namespace {
@@ -103,11 +121,7 @@ std::vector<std::string> isas() {
   return names;
 }
 
-std::string set_isa(c10::string_view name) {
-  std::string before = active_level().name;
-  set_level(std::string(name.data(), name.size()).c_str());
-  return before;
-}
+std::string set_isa(c10::string_view name) { return exchange_level(std::string(name.data(), name.size()).c_str()); }
 
 }  // namespace
 }  // namespace cpu_isa

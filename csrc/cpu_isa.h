@@ -13,6 +13,8 @@
 // this CPU runs; set_level changes it for the process (fastnn::quantized_set_isa, cpu_set_isa).
 #pragma once
 
+#include <string>
+
 namespace fastnn {
 
 namespace quantized {
@@ -38,6 +40,10 @@ int available_levels(const Level* out[kMaxLevels]);
 // raises a ValueError that lists the levels it runs. "auto" is the best this CPU runs.
 const Level& active_level();
 const Level& set_level(const char* name);
+// set_level, returning the name of the level before it; "auto" when none was chosen yet and
+// FASTNN_CPU_ISA names no level this CPU runs, so that setting a valid level recovers from a bad
+// environment variable instead of raising its error again.
+std::string exchange_level(const char* name);
 
 // The fp32 variant of the active level (an atomic load; the family dispatchers call it per call).
 Fp32 fp32_variant();

@@ -239,6 +239,20 @@ def test_environment_variable_unknown_level():
     assert r.stdout.startswith("none: ")
 
 
+def test_set_isa_recovers_from_a_bad_environment_variable():
+    """set_isa (both spellings) replaces a FASTNN_CPU_ISA that names no level this CPU runs, instead
+    of raising that variable's error again; the level names are case-insensitive."""
+    _needs_library()
+    code = ("import fastnn, torch\n"
+            "fastnn.build_info()\n"
+            "print(fastnn.ops.quantized.set_isa('default'), torch.ops.fastnn.cpu_set_isa('DEFAULT'))\n"
+            "m = fastnn.LSTM(4, 9)\n"
+            "print(fastnn.build_info()['cpu_isa'], float(m(torch.randn(5, 2, 4))[0].sum()) == float('nan'))\n")
+    r = testing.run_isolated(code, env={"FASTNN_CPU_ISA": "sse9"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["auto", "default", "default", "False"]
+
+
 # --- the library's portable code is portable
 
 _HEADER = re.compile(r"^([0-9a-f]+) <(.*)>:$")

@@ -3,13 +3,14 @@
 // (csrc/quantized/qgemm_avx2.cpp) at the shapes the int8 layers use. One thread; pin it to a
 // quiet core. Build and run from the repository root:
 //
-//   g++ -O3 -std=c++17 -Icsrc bench/micro/int8_rate.cpp csrc/quantized/qgemm_*.cpp \
-//       -o /tmp/int8_rate && taskset -c 1 /tmp/int8_rate
+//   g++ -O3 -std=c++17 -Icsrc bench/micro/int8_rate.cpp \
+//       $(ls csrc/quantized/qgemm_*.cpp | grep -v select) -o /tmp/int8_rate && taskset -c 1 /tmp/int8_rate
 //
 // No -mavx2: the library compiles the int8 kernels portable, with target attributes, and GCC's
 // code for them differs with the flags (here -mavx2 made the kernel ~20% slower).
 //
-// (qgemm_select.cpp, which needs libtorch, is not used: compile every other qgemm_*.cpp.)
+// (qgemm_select.cpp needs libtorch: every other qgemm_*.cpp is compiled in.) Each rate is the best
+// of five timings; on a shared machine run it a few times.
 #include <immintrin.h>
 
 #include <chrono>
@@ -23,9 +24,21 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr long kIters = 20000000;
+constexpr long kIters = 5000000;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// seconds = the best of five timings of `body` (a macro, not a lambda: a lambda would not inherit
+// the function's target attribute, and the intrinsics would not compile in it)
+#define BEST_OF_FIVE(seconds, body)                                 \
+  do {                                                              \
+    seconds = 1e30;                                                 \
+    for (int rep_ = 0; rep_ < 5; ++rep_) {                          \
+      const Clock::time_point t0_ = Clock::now();                   \
+      body;                                                         \
+      seconds = std::min(seconds, seconds_since(t0_));              \
+    }                                                               \
+  } while (0)
 
 // 8 independent chains, so that latency does not bound the rate; 8 accumulators, 4 inputs and 2
 // constants stay within the 16 vector registers (more would spill to the stack).
@@ -38,35 +51,36 @@ __attribute__((target("avx2,fma"))) void instruction_rates() {
   for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_epi32(i);
   for (int i = 0; i < 4; ++i) x[i] = _mm256_set1_epi8(static_cast<char>(i + 1));
   const __m256i b = _mm256_set1_epi8(5), ones = _mm256_set1_epi16(1);
-  Clock::time_point t0 = Clock::now();
-  for (long n = 0; n < kIters; ++n) {
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(x[i & 3], b), ones));
-    KEEP8(acc);
-    KEEP4(x);
-  }
-  double s = seconds_since(t0);
+  double s;
+  BEST_OF_FIVE(s, {
+    for (long n = 0; n < kIters; ++n) {
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(x[i & 3], b), ones));
+      KEEP8(acc);
+      KEEP4(x);
+    }
+  });
   std::printf("vpmaddubsw + vpmaddwd + vpaddd: %.2f G/s = %.1f G int8 multiply-adds/s\n", kIters * 8 / s / 1e9,
               kIters * 8 * 32 / s / 1e9);
-  t0 = Clock::now();
-  for (long n = 0; n < kIters; ++n) {
-    for (int i = 0; i < 8; ++i) {
-      const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(x[i & 3], b));
-      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, ones));
+  BEST_OF_FIVE(s, {
+    for (long n = 0; n < kIters; ++n) {
+      for (int i = 0; i < 8; ++i) {
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(b, b), _mm256_sign_epi8(x[i & 3], b));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, ones));
+      }
+      KEEP8(acc);
+      KEEP4(x);
     }
-    KEEP8(acc);
-    KEEP4(x);
-  }
-  s = seconds_since(t0);
+  });
   std::printf("  with the two vpsignb of the exact s8 x s8 form: %.1f G int8 multiply-adds/s\n", kIters * 8 * 32 / s / 1e9);
   __m256 f[8];
   for (int i = 0; i < 8; ++i) f[i] = _mm256_set1_ps(static_cast<float>(i));
   const __m256 m = _mm256_set1_ps(1.0000001f);
-  t0 = Clock::now();
-  for (long n = 0; n < kIters; ++n) {
-    for (int i = 0; i < 8; ++i) f[i] = _mm256_fmadd_ps(f[i], m, m);
-    KEEP8(f);
-  }
-  s = seconds_since(t0);
+  BEST_OF_FIVE(s, {
+    for (long n = 0; n < kIters; ++n) {
+      for (int i = 0; i < 8; ++i) f[i] = _mm256_fmadd_ps(f[i], m, m);
+      KEEP8(f);
+    }
+  });
   std::printf("vfmadd (fp32): %.2f G/s = %.1f G fp32 multiply-adds/s\n", kIters * 8 / s / 1e9, kIters * 8 * 8 / s / 1e9);
   int32_t sink[8];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(sink), acc[0]);

@@ -211,6 +211,9 @@ at::Tensor int8_moe_mlp(const at::Tensor& x, const at::Tensor& sorted_slots, con
                         const at::Tensor& slot_positions, const at::Tensor& weights, const at::Tensor& gate_up_q,
                         const at::Tensor& gate_up_scale, const at::Tensor& down_q, const at::Tensor& down_scale,
                         c10::string_view activation, bool weight_only) {
+  check_cpu({{"x", &x}, {"sorted_slots", &sorted_slots}, {"tokens_per_expert", &tokens_per_expert},
+             {"slot_positions", &slot_positions}, {"weights", &weights}, {"gate_up_q", &gate_up_q},
+             {"gate_up_scale", &gate_up_scale}, {"down_q", &down_q}, {"down_scale", &down_scale}});
   FASTNN_CHECK_ARG(x.scalar_type() == at::kFloat && x.dim() == 2, "x", "a float32 tensor [T, H]", describe(x));
   FASTNN_CHECK_ARG(slot_positions.scalar_type() == at::kLong && slot_positions.dim() == 2 &&
                        slot_positions.size(0) == x.size(0) && slot_positions.size(1) >= 1,

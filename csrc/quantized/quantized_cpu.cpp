@@ -46,6 +46,11 @@ Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at
               const at::Tensor& s_ih, const at::Tensor& w_hh, const at::Tensor& s_hh, const Opt& b_ih,
               const Opt& b_hh, const Opt& lengths, bool reverse, bool weight_only, const Opt& w_hr = {},
               const Opt& s_hr = {}) {
+  const at::Tensor none;
+  check_cpu({{"input", &input}, {"h0", &h0}, {"c0", &c0}, {"w_ih_q", &w_ih}, {"w_ih_scale", &s_ih}, {"w_hh_q", &w_hh},
+             {"w_hh_scale", &s_hh}, {"b_ih", b_ih.has_value() ? &*b_ih : &none},
+             {"b_hh", b_hh.has_value() ? &*b_hh : &none}, {"w_hr_q", w_hr.has_value() ? &*w_hr : &none},
+             {"w_hr_scale", s_hr.has_value() ? &*s_hr : &none}});
   FASTNN_CHECK_ARG(input.scalar_type() == at::kFloat && input.dim() == 3, "input",
                    "a float32 tensor [T, B, input_size]", describe(input));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
@@ -64,6 +69,10 @@ Seq check_seq(Kind kind, const at::Tensor& input, const at::Tensor& h0, const at
   const int64_t H = w_hh.size(0) / gates, G = gates * H;
   if (proj) {
     FASTNN_CHECK_ARG(lstm, "w_hr_q", "None (only an LSTM has a projection)", describe(*w_hr));
+    FASTNN_CHECK_ARG(w_hr->dim() == 2 && w_hr->size(0) == P && w_hr->size(1) == H, "w_hr_q",
+                     "an int8 tensor [proj_size, hidden_size] = [" + std::to_string(P) + ", " + std::to_string(H) +
+                         "] (proj_size = w_hh_q.size(1), hidden_size = w_hh_q.size(0) / 4)",
+                     describe(*w_hr));
     check_weight(*w_hr, *s_hr, "w_hr_q", "w_hr_scale", P, H);
   }
   check_weight(w_ih, s_ih, "w_ih_q", "w_ih_scale", G, I);
@@ -109,6 +118,8 @@ at::Tensor run(const Seq& s, at::Tensor& h, at::Tensor& c) {
 
 at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& w_q, const at::Tensor& w_scale, const Opt& bias,
                        bool weight_only) {
+  const at::Tensor none;
+  check_cpu({{"input", &input}, {"w_q", &w_q}, {"w_scale", &w_scale}, {"bias", bias.has_value() ? &*bias : &none}});
   FASTNN_CHECK_ARG(input.scalar_type() == at::kFloat && input.dim() >= 1, "input",
                    "a float32 tensor [..., in_features]", describe(input));
   FASTNN_CHECK_ARG(w_q.dim() == 2, "w_q", "an int8 tensor [out_features, in_features]", describe(w_q));

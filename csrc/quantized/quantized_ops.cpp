@@ -38,9 +38,7 @@ std::vector<std::string> isas() {
 }
 
 std::string set_isa(c10::string_view name) {
-  std::string before = cpu_isa::active_level().name;
-  cpu_isa::set_level(std::string(name.data(), name.size()).c_str());
-  return before;
+  return cpu_isa::exchange_level(std::string(name.data(), name.size()).c_str());
 }
 
 }  // namespace

@@ -115,7 +115,11 @@ def _validate_seq(kind: str):
             H = a.w_hh_q.shape[0] // gates
             if P == 0 or H == 0 or a.w_hh_q.shape[0] != gates * H:
                 fail("w_hh_q", f"an int8 tensor [{gates}*hidden_size, proj_size]", a.w_hh_q, op=op)
-            _check_weight(a, "w_hr_q", "w_hr_scale", P, H, op)  # [proj_size, hidden_size]
+            check_tensor(a.w_hr_q, "w_hr_q", dim=2, dtypes=_I8, op=op)
+            if tuple(a.w_hr_q.shape) != (P, H):
+                fail("w_hr_q", f"an int8 tensor [proj_size, hidden_size] = [{P}, {H}] (proj_size = "
+                     "w_hh_q.shape[1], hidden_size = w_hh_q.shape[0] / 4)", a.w_hr_q, op=op)
+            _check_weight(a, "w_hr_q", "w_hr_scale", P, H, op)
         else:
             H = P
             if H == 0 or a.w_hh_q.shape[0] != gates * H:
@@ -295,23 +299,38 @@ def _register_triton() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels (torch.compile / torch.export), registered when the compiled library loads.
+# Fake kernels (torch.compile / torch.export), registered when the compiled library loads. They
+# are also the ops' meta kernels: a call with one argument on the meta device and the others on
+# the CPU lands here, and must raise (as torch's own ops do for mixed devices), not return empty
+# CPU tensors as if it had computed them.
+
+def _one_device(op: str, *args) -> None:
+    tensors = [t for t in args if isinstance(t, Tensor)]
+    for t in tensors[1:]:
+        if t.device != tensors[0].device:
+            raise ValueError(f"fastnn: {op}: expected every tensor argument on one device, got {tensors[0].device} "
+                             f"and {t.device}")
+
 
 def _fake_linear(input, w_q, w_scale, bias, weight_only):
+    _one_device("int8_linear", input, w_q, w_scale, bias)
     return input.new_empty((*input.shape[:-1], w_q.shape[0]))
 
 
 def _fake_lstm(input, h0, c0, *rest):
+    _one_device("int8_lstm_seq", input, h0, c0, *rest)
     T, B = input.shape[0], input.shape[1]
     return input.new_empty((T, B, h0.shape[1])), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
 
 
 def _fake_gru(input, h0, *rest):
+    _one_device("int8_gru_seq / int8_rnn_seq", input, h0, *rest)
     T, B = input.shape[0], input.shape[1]
     return input.new_empty((T, B, h0.shape[1])), h0.new_empty(h0.shape)
 
 
 def _fake_moe(x, *rest):
+    _one_device("int8_moe_mlp", x, *rest)
     return x.new_empty(x.shape)
 
 

@@ -63,11 +63,11 @@ class _Quantized(nn.Module):
                 self._buffers[name] = b.float()
         return self
 
-    def _check_device(self, input) -> None:
+    def _check_device(self, input, what: str = "the input is") -> None:
         """NotImplementedError, naming the module, when it or its input is not on the CPU."""
         where = {"the module's weights are": getattr(self, f"{self._weights[0]}_q").device} if self._weights else {}
         if isinstance(input, Tensor):
-            where["the input is"] = input.device
+            where[what] = input.device
         for what, device in where.items():
             if device.type != "cpu":
                 raise NotImplementedError(
@@ -326,6 +326,8 @@ class _RNNBase(_Recurrent):
             states = list(hx) if n_states == 2 else [hx]
             if len(states) != n_states or not all(isinstance(s, Tensor) for s in states):
                 raise TypeError(f"{name}: hx must be {'a tuple (h_0, c_0)' if n_states == 2 else 'a tensor'}")
+            for s in states:
+                self._check_device(s, "the state hx is")
             states = [_to_fp32(s) for s in states]
             if not batched:
                 if any(s.dim() != 2 for s in states):
@@ -478,6 +480,8 @@ class _CellBase(_Recurrent):
             if n_states == 1 and not isinstance(hx, Tensor):
                 raise TypeError(f"{name}: hx must be a tensor, got {type(hx).__name__}")
             states = list(hx) if n_states == 2 else [hx]
+            for s in states:
+                self._check_device(s, "the state hx is")
             states = [_to_fp32(s) for s in (states if batched else [s.unsqueeze(0) for s in states])]
         res = self._layer(x.unsqueeze(0), states, "", None, False)[1:]
         res = tuple(_back(r, dtype) for r in (res if batched else (r.squeeze(0) for r in res)))

@@ -183,6 +183,9 @@ def test_cell_fast_path_matches_the_general_path(cls):
         bad = (h[:, :5], c) if cls is nn.LSTMCell else h[:, :5]
         with pytest.raises(ValueError, match="'h0'.*shape \\[3, 20\\]"):  # the general path's check
             q(x, bad)
+        meta = (h.to("meta"), c.to("meta")) if cls is nn.LSTMCell else h.to("meta")
+        with pytest.raises(NotImplementedError, match="the state hx is on meta"):
+            q(x, meta)
     with pytest.raises(RuntimeError, match="inference-only"):
         q(x.requires_grad_(), (h, c) if cls is nn.LSTMCell else h)
 

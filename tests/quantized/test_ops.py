@@ -297,11 +297,11 @@ def test_bad_input(backend):
     xs, h0, c0, wl = lstm_args(4, 2, 5, 6, proj=4)  # an LSTM's projection: h [B, 4], c [B, 6]
     with pytest.raises(ValueError, match="'int8_lstm_seq: w_hr_scale'.*come together"):
         run_seq("lstm", backend, xs, h0, c0, wl[:7])
-    with pytest.raises(ValueError, match=r"'int8_lstm_seq: w_hr_q'.*shape \[4, 6\]"):
+    with pytest.raises(ValueError, match=r"'int8_lstm_seq: w_hr_q'.*\[proj_size, hidden_size\] = \[4, 6\]"):
         run_seq("lstm", backend, xs, h0, c0, (*wl[:6], wl[6][:, :5], wl[7]))
     with pytest.raises(ValueError, match=r"'int8_lstm_seq: h0'.*shape \[2, 4\]"):
         run_seq("lstm", backend, xs, c0, c0, wl)
-    with pytest.raises(ValueError, match=r"'int8_lstm_seq: w_hr_q'.*shape \[6, 6\]"):
+    with pytest.raises(ValueError, match=r"'int8_lstm_seq: w_hr_q'.*= \[6, 6\] \(proj_size = w_hh_q"):
         run_seq("lstm", backend, xs, h0, c0, lstm_args(4, 2, 5, 6)[3] + wl[6:])  # W_hh [4H, H]: P = H
 
 
@@ -325,6 +325,14 @@ def test_compiled_ops_check_what_memory_safety_needs():
         torch.ops.fastnn.int8_lstm_seq(xs, h0, c0, *wl[:6], None, False, False, wl[6][:, :5], wl[7])
     with pytest.raises(ValueError, match="c0"):
         torch.ops.fastnn.int8_lstm_seq(xs, h0, h0, *wl[:6], None, False, False, *wl[6:])
+    # one tensor on the meta device: the meta kernel raises (it must not return empty CPU tensors)
+    for i in (2, 6, 7):
+        moved = list(wl)
+        moved[i] = moved[i].to("meta")
+        with pytest.raises(ValueError, match="one device, got cpu and meta"):
+            torch.ops.fastnn.int8_lstm_seq(xs, h0, c0, *moved[:6], None, False, False, *moved[6:])
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.fastnn.int8_linear(x, w.to("meta"), s, None, False)
 
 
 def test_opcheck():

@@ -14,6 +14,7 @@
 #include <limits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <mutex>
 #include <thread>
@@ -140,9 +141,13 @@ class StepBarrier {
 
 // Test knob: FASTNN_LOCKSTEP_SOLO_FROM=g makes run_in_lockstep go solo from generation g, so that
 // tests can run that path deterministically (a busy machine triggers it only by chance).
+// Anything but a plain non-negative decimal number leaves it unset.
 inline int64_t forced_solo_from() {
   const char* v = std::getenv("FASTNN_LOCKSTEP_SOLO_FROM");
-  return v && *v ? std::strtoll(v, nullptr, 10) : std::numeric_limits<int64_t>::max();
+  if (v == nullptr || *v == '\0' || std::strlen(v) > 18) return std::numeric_limits<int64_t>::max();
+  for (const char* c = v; *c; ++c)
+    if (*c < '0' || *c > '9') return std::numeric_limits<int64_t>::max();
+  return std::strtoll(v, nullptr, 10);
 }
 
 // Runs work(v0, v1, g) for g = 0 .. generations - 1, g + 1 after every task's g, on `tasks` tasks
