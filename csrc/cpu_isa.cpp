@@ -54,12 +54,13 @@ const std::vector<Level>& levels() {
   return all;
 }
 
-const Level* by_name(std::string name) {
-  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+const Level* by_name(const std::string& name) {
+  std::string lower = name;  // level names are case-insensitive
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
   const std::vector<Level>& all = levels();
-  if (name == "auto" || name.empty()) return &all.back();
+  if (lower == "auto" || lower.empty()) return &all.back();
   for (const Level& l : all)
-    if (name == l.name) return &l;
+    if (lower == l.name) return &l;
   std::string have;
   for (size_t i = 0; i < all.size(); ++i) have += std::string(i ? ", " : "") + all[i].name;
   TORCH_CHECK_VALUE(false, "fastnn: FASTNN_CPU_ISA / set_isa: expected auto or one of the instruction sets this "
